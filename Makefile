@@ -1,0 +1,32 @@
+# Setup is one idempotent target: a virtualenv in .venv with torch first, then
+# deepspeed (it builds against the installed torch), then this package.
+PY      ?= python3
+VENV    := .venv
+BIN     := $(VENV)/bin
+STAMP   := $(VENV)/.stamp-setup
+export DS_ACCELERATOR ?= cpu
+export DS_BUILD_OPS ?= 0
+
+.PHONY: setup demo test bench clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -c constraints.txt torch torchvision
+	$(BIN)/python -m pip install -q -c constraints.txt --no-build-isolation deepspeed
+	$(BIN)/python -m pip install -q -c constraints.txt -e '.[test]'
+	touch $@
+
+demo: setup
+	$(BIN)/swav demo
+
+test: setup
+	$(BIN)/python -m pytest -q tests
+
+bench: setup
+	$(BIN)/python bench/run_all.py
+
+clean:
+	rm -rf demo-output runs .pytest_cache

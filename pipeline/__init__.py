@@ -1,0 +1,1 @@
+"""The sharding stage: bucket of raw images -> validated, normalised shard set."""

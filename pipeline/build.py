@@ -1,0 +1,360 @@
+"""Build a shard set from a bucket: list, read, normalise, deduplicate, pack, commit.
+
+Restart rule: shard k of a part is committed when its manifest exists (the tar
+is written first, the manifest second and it records the tar's hash). A rerun
+keeps the committed prefix, rebuilds its dedup state from those manifests, and
+continues from the listing position after the last committed row, so the
+output is byte-identical to an uninterrupted build.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import hashlib
+import json
+import logging
+import multiprocessing
+import time
+from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Iterator
+
+from tqdm import tqdm
+
+import shards
+from pipeline.listing import SourceObject, walk
+from pipeline.normalise import NormaliseConfig, normalise
+from shards import layout
+from shards.errors import UserError
+from shards.manifest import (ACCEPTED, LISTING_SCHEMA, MANIFEST_SCHEMA, REJECTED, from_parquet_bytes,
+                             to_parquet_bytes)
+from shards.storage import (explain, get_fs, join, read_bytes, read_json, redact, with_retries,
+                            write_bytes, write_json)
+from shards.tario import write_tar
+
+log = logging.getLogger(__name__)
+
+LISTING_CHUNK = 100_000
+
+
+@dataclass
+class BuildConfig:
+    samples_per_shard: int = 1000
+    shard_max_bytes: int = 256 * 1024 * 1024
+    workers: int = 0            # decode processes; 0 = one per core
+    io_threads: int = 16        # concurrent reads from the source
+    part: int = 0
+    num_parts: int = 1
+    normalise: NormaliseConfig = field(default_factory=NormaliseConfig)
+
+    def fingerprint(self) -> dict:
+        """The settings that change output bytes (workers/threads do not)."""
+        d = dataclasses.asdict(self)
+        for k in ("workers", "io_threads", "part"):
+            d.pop(k)
+        return d
+
+
+@dataclass
+class PartResult:
+    part: int
+    inputs: int = 0
+    accepted: int = 0
+    reasons: dict = field(default_factory=dict)
+    shards: list = field(default_factory=list)   # dicts of INDEX_SCHEMA
+    resumed_shards: int = 0
+    seconds: float = 0.0
+    already_complete: bool = False
+
+    @property
+    def rejected(self) -> int:
+        return sum(self.reasons.values())
+
+
+def in_part(rel: str, part: int, num_parts: int) -> bool:
+    if num_parts == 1:
+        return True
+    return int(hashlib.sha1(rel.encode("utf-8")).hexdigest()[:8], 16) % num_parts == part
+
+
+def _check_part(cfg: BuildConfig) -> None:
+    if cfg.num_parts < 1 or not 0 <= cfg.part < cfg.num_parts:
+        raise UserError(f"--part {cfg.part}/{cfg.num_parts} is not a valid part (need 0 <= I < N)")
+    if cfg.samples_per_shard < 1:
+        raise UserError("samples_per_shard must be >= 1")
+
+
+class _PartWriter:
+    """Accumulates rows and samples for the shard being built and commits it."""
+
+    def __init__(self, fs, root: str, cfg: BuildConfig, number: int, seen: set[str], result: PartResult):
+        self.fs, self.root, self.cfg = fs, root, cfg
+        self.number, self.seen, self.result = number, seen, result
+        self.rows: list[dict] = []
+        self.samples: list[dict] = []
+        self.nbytes = 0
+
+    def add(self, obj: SourceObject, out: dict) -> None:
+        self.result.inputs += 1
+        row = {"list_pos": obj.pos, "url": obj.url, "size": obj.size, "status": REJECTED,
+               "reason": out.get("reason"), "detail": out.get("detail"), "key": None, "shard": None,
+               "sha256": out.get("sha256"), "width": out.get("width"), "height": out.get("height"),
+               "out_bytes": None}
+        if out["status"] == "accepted" and out["sha256"] in self.seen:
+            row.update(reason="duplicate", detail="same normalised content as an earlier object")
+        elif out["status"] == "accepted":
+            key = layout.sample_key(obj.rel)
+            meta = {"url": obj.url, "width": out["width"], "height": out["height"],
+                    "sha256": out["sha256"], "format": out["format"], "frames": out["frames"]}
+            self.samples.append({"__key__": key, "jpg": out["jpg"],
+                                 "json": json.dumps(meta, sort_keys=True).encode("utf-8")})
+            self.nbytes += len(out["jpg"])
+            self.seen.add(out["sha256"])
+            row.update(status=ACCEPTED, key=key, shard=layout.shard_name(self.cfg.part, self.number),
+                       out_bytes=len(out["jpg"]))
+            self.result.accepted += 1
+        if row["status"] == REJECTED:
+            self.result.reasons[row["reason"]] = self.result.reasons.get(row["reason"], 0) + 1
+        self.rows.append(row)
+        if len(self.samples) >= self.cfg.samples_per_shard or self.nbytes >= self.cfg.shard_max_bytes:
+            self.commit()
+
+    def commit(self) -> None:
+        if not self.rows:
+            return
+        name = layout.shard_name(self.cfg.part, self.number)
+        entry = {"name": name, "samples": len(self.samples), "bytes": 0, "sha256": None}
+        if self.samples:
+            data = write_tar(self.samples)
+            entry.update(bytes=len(data), sha256=hashlib.sha256(data).hexdigest())
+            write_bytes(self.fs, join(self.root, name), data)
+        manifest = to_parquet_bytes(self.rows, MANIFEST_SCHEMA)
+        # The manifest's key-value metadata carries the shard entry: committing it commits the shard.
+        table = from_parquet_bytes(manifest).replace_schema_metadata({"shard": json.dumps(entry)})
+        write_bytes(self.fs, join(self.root, layout.manifest_name(self.cfg.part, self.number)),
+                    _table_bytes(table))
+        if entry["samples"]:
+            self.result.shards.append(entry)
+        self.number += 1
+        self.rows, self.samples, self.nbytes = [], [], 0
+
+
+def _table_bytes(table) -> bytes:
+    import io
+
+    import pyarrow.parquet as pq
+
+    buf = io.BytesIO()
+    pq.write_table(table, buf, compression="zstd")
+    return buf.getvalue()
+
+
+def read_manifest(fs, path: str):
+    """(table, shard entry) of one committed manifest."""
+    import io
+
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(io.BytesIO(read_bytes(fs, path)))
+    meta = table.schema.metadata or {}
+    return table, json.loads(meta[b"shard"]) if b"shard" in meta else None
+
+
+def _recover(fs, root: str, cfg: BuildConfig, result: PartResult) -> tuple[int, int, set[str]]:
+    """(next shard number, last committed listing position, seen hashes) from committed manifests."""
+    seen: set[str] = set()
+    number, last_pos = 0, -1
+    while True:
+        path = join(root, layout.manifest_name(cfg.part, number))
+        if not with_retries(lambda: fs.exists(path), f"stat {path}"):
+            break
+        table, entry = read_manifest(fs, path)
+        if entry is None:
+            break
+        if entry["samples"]:
+            tar_path = join(root, entry["name"])
+            if not fs.exists(tar_path) or fs.size(tar_path) != entry["bytes"]:
+                break
+            result.shards.append(entry)
+        cols = table.to_pydict()
+        for status, reason, sha in zip(cols["status"], cols["reason"], cols["sha256"]):
+            result.inputs += 1
+            if status == ACCEPTED:
+                seen.add(sha)
+                result.accepted += 1
+            else:
+                result.reasons[reason] = result.reasons.get(reason, 0) + 1
+        if cols["list_pos"]:
+            last_pos = max(last_pos, max(cols["list_pos"]))
+        number += 1
+    result.resumed_shards = number
+    return number, last_pos, seen
+
+
+def _read_object(fs, obj: SourceObject) -> bytes:
+    return read_bytes(fs, obj.path, f"read {obj.url}")
+
+
+class _Processor:
+    """Reads with threads and decodes with processes, yielding results in listing order."""
+
+    def __init__(self, fs, cfg: BuildConfig):
+        self.fs, self.ncfg = fs, cfg.normalise
+        workers = cfg.workers or multiprocessing.cpu_count()
+        self.procs = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
+        self.threads = ThreadPoolExecutor(max(cfg.io_threads, workers))
+        self.window = max(4 * workers, cfg.io_threads * 2)
+
+    def _task(self, obj: SourceObject) -> tuple[SourceObject, dict]:
+        try:
+            data = _read_object(self.fs, obj)
+        except Exception as e:  # noqa: BLE001 - a failed read is a counted rejection, not a crash
+            return obj, {"status": "rejected", "reason": "read_error", "detail": f"{type(e).__name__}: {e}"[:300]}
+        try:
+            return obj, self.procs.submit(normalise, data, self.ncfg).result()
+        except Exception as e:  # noqa: BLE001 - e.g. a worker killed by the OOM killer
+            return obj, {"status": "rejected", "reason": "corrupt", "detail": f"decoder crashed: {type(e).__name__}"}
+
+    def run(self, objects: Iterator[SourceObject]) -> Iterator[tuple[SourceObject, dict]]:
+        pending: collections.deque[Future] = collections.deque()
+        for obj in objects:
+            pending.append(self.threads.submit(self._task, obj))
+            if len(pending) >= self.window:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+
+    def close(self) -> None:
+        self.threads.shutdown(wait=True, cancel_futures=True)
+        self.procs.shutdown(wait=True, cancel_futures=True)
+
+
+def _listing_writer(fs, root: str, part: int):
+    rows: list[dict] = []
+    chunk = 0
+
+    def add(obj: SourceObject | None) -> None:
+        nonlocal rows, chunk
+        if obj is not None:
+            rows.append({"list_pos": obj.pos, "url": obj.url, "size": obj.size})
+        if rows and (obj is None or len(rows) >= LISTING_CHUNK):
+            write_bytes(fs, join(root, layout.listing_name(part, chunk)), to_parquet_bytes(rows, LISTING_SCHEMA))
+            rows, chunk = [], chunk + 1
+
+    return add
+
+
+def open_source(src: str, options: dict | None):
+    fs, root = get_fs(src, options)
+    try:
+        if not with_retries(lambda: fs.isdir(root), f"stat {src}"):
+            if with_retries(lambda: fs.exists(root), f"stat {src}"):
+                raise UserError(f"source {src} is a file, not a prefix of images")
+            raise UserError(f"source not found: {src}")
+    except UserError:
+        raise
+    except Exception as e:  # noqa: BLE001
+        raise explain(e, src) from None
+    return fs, root
+
+
+def build_part(src: str, dst: str, cfg: BuildConfig, src_options: dict | None = None,
+               dst_options: dict | None = None, progress: bool = True) -> PartResult:
+    """Build one part (all of it when num_parts == 1) of a shard set. Idempotent."""
+    _check_part(cfg)
+    start = time.time()
+    fs, root = open_source(src, src_options)
+    dfs, droot = get_fs(dst, dst_options)
+    result = PartResult(part=cfg.part)
+    record_path = join(droot, layout.part_record_name(cfg.part, cfg.num_parts))
+    config_path = record_path.replace(".json", ".config.json")
+    fingerprint = {"source": src, "config": cfg.fingerprint()}
+    try:
+        if dfs.exists(record_path):
+            rec = read_json(dfs, record_path)
+            if rec.get("fingerprint") == fingerprint:
+                done = PartResult(**{k: rec[k] for k in ("part", "inputs", "accepted", "reasons", "shards")})
+                done.already_complete = True
+                return done
+            raise UserError(f"{dst} already holds part {cfg.part}/{cfg.num_parts} built with other settings")
+        if dfs.exists(config_path) and read_json(dfs, config_path) != fingerprint:
+            raise UserError(f"{dst} holds a partial build with other settings; use a new destination")
+        write_json(dfs, config_path, fingerprint)
+    except UserError:
+        raise
+    except Exception as e:  # noqa: BLE001
+        raise explain(e, dst) from None
+
+    number, last_pos, seen = _recover(dfs, droot, cfg, result)
+    if number:
+        log.info("part %d: resuming after %d committed shard(s), %d inputs done", cfg.part, number, result.inputs)
+    writer = _PartWriter(dfs, droot, cfg, number, seen, result)
+    listing = _listing_writer(dfs, droot, cfg.part)
+    any_object = False
+
+    def todo() -> Iterator[SourceObject]:
+        nonlocal any_object
+        try:
+            for obj in walk(fs, root, src.rstrip("/")):
+                any_object = True
+                if in_part(obj.rel, cfg.part, cfg.num_parts):
+                    listing(obj)
+                    if obj.pos > last_pos:
+                        yield obj
+        except Exception as e:  # noqa: BLE001
+            raise explain(e, src) from None
+        listing(None)
+
+    processor = _Processor(fs, cfg)
+    bar = tqdm(desc=f"shards build part {cfg.part}/{cfg.num_parts}", unit="img", disable=not progress,
+               mininterval=1.0, smoothing=0.1)
+    try:
+        for obj, out in processor.run(todo()):
+            writer.add(obj, out)
+            bar.update(1)
+            bar.set_postfix(accepted=result.accepted, rejected=result.rejected, shards=len(result.shards),
+                            refresh=False)
+        writer.commit()
+    finally:
+        bar.close()
+        processor.close()
+    if not any_object and result.inputs == 0:
+        raise UserError(f"source {src} holds no objects")
+    result.seconds = time.time() - start
+    write_json(dfs, record_path, {"fingerprint": fingerprint, "part": cfg.part, "inputs": result.inputs,
+                                  "accepted": result.accepted, "reasons": result.reasons,
+                                  "shards": result.shards})
+    return result
+
+
+def build(src: str, dst: str, cfg: BuildConfig, src_options: dict | None = None,
+          dst_options: dict | None = None, progress: bool = True) -> PartResult:
+    """Build a part; a single-part build also publishes the index and build record."""
+    result = build_part(src, dst, cfg, src_options, dst_options, progress)
+    if cfg.num_parts == 1:
+        from pipeline.merge import merge
+
+        merge(dst, 1, dst_options, source=src, config=cfg)
+    return result
+
+
+def tool_version() -> str:
+    return shards.__version__
+
+
+def summary_lines(result: PartResult) -> list[str]:
+    lines = [f"{'inputs':<28}{result.inputs:>12}", f"{'accepted':<28}{result.accepted:>12}"]
+    for reason, n in sorted(result.reasons.items(), key=lambda kv: -kv[1]):
+        lines.append(f"{'rejected: ' + reason:<28}{n:>12}")
+    total_bytes = sum(s["bytes"] for s in result.shards)
+    lines.append(f"{'shards':<28}{len(result.shards):>12}")
+    lines.append(f"{'shard bytes':<28}{total_bytes:>12}")
+    if result.seconds:
+        lines.append(f"{'seconds':<28}{result.seconds:>12.1f}")
+    if result.resumed_shards:
+        lines.append(f"{'resumed shards':<28}{result.resumed_shards:>12}")
+    return lines
+
+
+__all__ = ["BuildConfig", "PartResult", "build", "build_part", "summary_lines", "redact"]

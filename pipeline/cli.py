@@ -1,0 +1,130 @@
+"""`swav shards ...`: argument parsing over pipeline.build/merge/inspect."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from pipeline.normalise import NormaliseConfig
+from shards.errors import UserError
+from shards.storage import merge_options, options_from_env, s3_options
+
+
+def add_storage_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("storage (applies to s3:// and other object-store URLs)")
+    g.add_argument("--endpoint-url", help="S3-compatible endpoint, e.g. http://127.0.0.1:9000 (else AWS_ENDPOINT_URL)")
+    g.add_argument("--profile", help="credentials profile from ~/.aws/credentials")
+    g.add_argument("--anon", action="store_true", help="anonymous access to a public bucket")
+    g.add_argument("--storage-option", action="append", default=[], metavar="KEY=JSON",
+                   help="extra fsspec storage option, repeatable; values parsed as JSON when they parse. "
+                        "SWAV_STORAGE_OPTIONS (a JSON object) is read too")
+
+
+def storage_options(args: argparse.Namespace) -> dict:
+    extra = {}
+    for item in args.storage_option:
+        if "=" not in item:
+            raise UserError(f"--storage-option {item!r} is not KEY=VALUE")
+        k, v = item.split("=", 1)
+        try:
+            extra[k] = json.loads(v)
+        except json.JSONDecodeError:
+            extra[k] = v
+    return merge_options(options_from_env(), s3_options(args.endpoint_url, args.profile, args.anon), extra)
+
+
+def _part(text: str) -> tuple[int, int]:
+    try:
+        i, n = (int(x) for x in text.split("/"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--part takes I/N, e.g. 3/16, not {text!r}") from None
+    return i, n
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    sp = sub.add_parser("shards", help="build, inspect and verify shard sets",
+                        description="Shard sets: WebDataset tars + parquet manifests + index + build record.")
+    ssub = sp.add_subparsers(dest="shards_command", metavar="{build,info,verify}")
+    d = NormaliseConfig()
+    b = ssub.add_parser("build", help="build a shard set from a bucket of raw images",
+                        description="List SRC, validate and normalise every object, and write a shard set to DST. "
+                                    "Safe to kill and rerun: finished shards are kept, the result is identical.")
+    b.add_argument("src", metavar="SRC", help="source prefix: local path, file://, s3://bucket/prefix, gs://...")
+    b.add_argument("dst", metavar="DST", help="destination prefix for the shard set (any fsspec URL)")
+    b.add_argument("--part", type=_part, default=(0, 1), metavar="I/N",
+                   help="build only part I of N (disjoint by a hash of the object path); run --merge after all parts")
+    b.add_argument("--merge", type=int, default=0, metavar="N",
+                   help="instead of building, publish the index of a set built as N parts")
+    b.add_argument("--samples-per-shard", type=int, default=1000, help="samples per tar (default 1000)")
+    b.add_argument("--shard-max-bytes", type=int, default=256 * 1024 * 1024,
+                   help="close a tar once its images reach this many bytes (default 256 MiB)")
+    b.add_argument("--max-side", type=int, default=d.max_side, help=f"longer side after resizing (default {d.max_side})")
+    b.add_argument("--min-side", type=int, default=d.min_side, help=f"reject a shorter side below this (default {d.min_side})")
+    b.add_argument("--max-aspect", type=float, default=d.max_aspect,
+                   help=f"reject longer/shorter above this (default {d.max_aspect})")
+    b.add_argument("--max-pixels", type=int, default=d.max_pixels,
+                   help=f"refuse, undecoded, images whose header claims more pixels (default {d.max_pixels})")
+    b.add_argument("--quality", type=int, default=d.quality, help=f"JPEG quality of re-encoded images (default {d.quality})")
+    b.add_argument("--workers", type=int, default=0, help="decode processes (default: one per core)")
+    b.add_argument("--io-threads", type=int, default=16, help="concurrent reads from the source (default 16)")
+    b.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_storage_flags(b)
+    i = ssub.add_parser("info", help="counts by status, shards, bytes, size histogram",
+                        description="Summarise a published shard set from its index and manifests.")
+    i.add_argument("dst", metavar="DST", help="shard set URL")
+    i.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    add_storage_flags(i)
+    v = ssub.add_parser("verify", help="re-read every shard and check it against the index (exit 1 on mismatch)",
+                        description="Re-read every shard: size, sha256, sample count, member names, image hashes.")
+    v.add_argument("dst", metavar="DST", help="shard set URL")
+    v.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_storage_flags(v)
+    sp.set_defaults(func=lambda a: run(a, sp))
+
+
+def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    if args.shards_command is None:
+        parser.print_help()
+        return 2
+    opts = storage_options(args)
+    if args.shards_command == "build":
+        from pipeline.build import BuildConfig, build, build_part, summary_lines
+        from pipeline.merge import merge
+
+        if args.merge:
+            rec = merge(args.dst, args.merge, opts)
+            print(f"published {args.dst}: {rec['shards']} shards, {rec['samples']} samples, "
+                  f"{rec['counts']['inputs']} inputs ({rec['cross_part_duplicates']} cross-part duplicates dropped)")
+            return 0
+        part, num_parts = args.part
+        cfg = BuildConfig(samples_per_shard=args.samples_per_shard, shard_max_bytes=args.shard_max_bytes,
+                          workers=args.workers, io_threads=args.io_threads, part=part, num_parts=num_parts,
+                          normalise=NormaliseConfig(max_side=args.max_side, min_side=args.min_side,
+                                                    max_aspect=args.max_aspect, max_pixels=args.max_pixels,
+                                                    quality=args.quality))
+        fn = build if num_parts == 1 else build_part
+        result = fn(args.src, args.dst, cfg, opts, opts, progress=not args.no_progress)
+        if result.already_complete:
+            print(f"part {part}/{num_parts} of {args.dst} is already complete; nothing to do")
+        print("\n".join(summary_lines(result)))
+        if num_parts > 1:
+            print(f"part {part}/{num_parts} done; after all parts: swav shards build {args.src} {args.dst} "
+                  f"--merge {num_parts}")
+        return 0
+    if args.shards_command == "info":
+        from pipeline.inspect import format_info, info
+
+        d = info(args.dst, opts)
+        print(json.dumps(d, indent=2) if args.json else format_info(d))
+        return 0
+    if args.shards_command == "verify":
+        from pipeline.inspect import verify
+
+        rep = verify(args.dst, opts, progress=not args.no_progress)
+        for p in rep.problems:
+            print(f"MISMATCH {p}", file=sys.stderr)
+        print(f"verified {rep.shards} shards, {rep.samples} samples: "
+              f"{'OK' if rep.ok else f'{len(rep.problems)} problem(s)'}")
+        return 0 if rep.ok else 1
+    raise AssertionError(args.shards_command)

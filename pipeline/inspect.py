@@ -1,0 +1,116 @@
+"""`swav shards info` and `swav shards verify`: what a shard set holds, and whether it is intact."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import dataclass, field
+
+import numpy as np
+import pyarrow as pa
+from tqdm import tqdm
+
+from pipeline.build import read_manifest
+from pipeline.merge import _manifests
+from shards.index import load_index
+from shards.manifest import ACCEPTED
+from shards.members import UnsafeMember
+from shards.storage import get_fs, with_retries
+from shards.tario import iter_samples
+
+log = logging.getLogger(__name__)
+
+SIZE_BINS = (0, 64, 128, 256, 512, 1024, 2048, 4096, 1 << 30)
+
+
+def info(url: str, options: dict | None = None) -> dict:
+    idx = load_index(url, options)
+    fs, root = get_fs(url, options)
+    tables = [read_manifest(fs, m)[0].select(["status", "reason", "width", "height"]) for m in _manifests(fs, root)]
+    table = pa.concat_tables(tables) if tables else None
+    by_status: dict[str, int] = {}
+    by_reason: dict[str, int] = {}
+    hist = [0] * (len(SIZE_BINS) - 1)
+    if table is not None:
+        cols = table.to_pydict()
+        for s, r, w, h in zip(cols["status"], cols["reason"], cols["width"], cols["height"]):
+            by_status[s] = by_status.get(s, 0) + 1
+            if s != ACCEPTED:
+                by_reason[r] = by_reason.get(r, 0) + 1
+            elif w and h:
+                hist[int(np.searchsorted(SIZE_BINS, max(w, h), side="right")) - 1] += 1
+    return {
+        "url": url, "shards": int(len(idx)), "samples": int(idx.samples.sum()), "bytes": int(idx.nbytes.sum()),
+        "inputs": sum(by_status.values()), "by_status": by_status, "by_reason": by_reason,
+        "longer_side_histogram": {f"{SIZE_BINS[i]}-{SIZE_BINS[i + 1] - 1}": n for i, n in enumerate(hist) if n},
+        "record": {k: idx.record.get(k) for k in ("version", "created", "source", "num_parts")},
+    }
+
+
+def format_info(d: dict) -> str:
+    lines = [f"shard set  {d['url']}", f"source     {d['record'].get('source')}",
+             f"built      {d['record'].get('created')} (swav-stream {d['record'].get('version')}, "
+             f"{d['record'].get('num_parts')} part(s))",
+             f"shards     {d['shards']}", f"samples    {d['samples']}", f"bytes      {d['bytes']}",
+             f"inputs     {d['inputs']}"]
+    for s, n in sorted(d["by_status"].items()):
+        lines.append(f"  {s:<18}{n:>10}")
+    for r, n in sorted(d["by_reason"].items(), key=lambda kv: -kv[1]):
+        lines.append(f"    {r:<16}{n:>10}")
+    lines.append("accepted images by original longer side (px):")
+    for b, n in d["longer_side_histogram"].items():
+        lines.append(f"  {b:<18}{n:>10}")
+    return "\n".join(lines)
+
+
+@dataclass
+class VerifyReport:
+    shards: int = 0
+    samples: int = 0
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+def verify(url: str, options: dict | None = None, progress: bool = True) -> VerifyReport:
+    """Re-read every shard: bytes, sha256, sample count, member names and sample metadata against the index."""
+    idx = load_index(url, options)
+    fs, _ = get_fs(url, options)
+    report = VerifyReport()
+    shas = idx.sha256.to_pylist()
+    for i in tqdm(range(len(idx)), desc="verify", unit="shard", disable=not progress):
+        name = str(idx.names[i])
+        path = fs._strip_protocol(idx.shard_url(i))
+        report.shards += 1
+        try:
+            data = with_retries(lambda: fs.cat_file(path), f"read {name}")
+        except FileNotFoundError:
+            report.problems.append(f"{name}: missing")
+            continue
+        if len(data) != idx.nbytes[i]:
+            report.problems.append(f"{name}: {len(data)} bytes, index says {idx.nbytes[i]}")
+        if hashlib.sha256(data).hexdigest() != shas[i]:
+            report.problems.append(f"{name}: sha256 differs from the index")
+        count = 0
+        try:
+            import io
+
+            for s in iter_samples(io.BytesIO(data)):
+                meta = json.loads(s["json"])
+                if hashlib.sha256(s["jpg"]).hexdigest() != meta.get("sha256"):
+                    report.problems.append(f"{name}: {s['__key__']} image hash differs from its metadata")
+                count += 1
+        except (UnsafeMember, OSError, ValueError) as e:
+            report.problems.append(f"{name}: unreadable ({type(e).__name__}: {e})")
+        if count != idx.samples[i]:
+            report.problems.append(f"{name}: {count} samples, index says {idx.samples[i]}")
+        report.samples += count
+    rec = idx.record.get("counts", {})
+    if rec and rec.get("inputs") != rec.get("accepted", 0) + rec.get("rejected", 0):
+        report.problems.append("build record: inputs != accepted + rejected")
+    if rec and rec.get("accepted") != int(idx.samples.sum()):
+        report.problems.append(f"build record says {rec.get('accepted')} accepted, index holds {int(idx.samples.sum())}")
+    return report

@@ -1,0 +1,114 @@
+"""Publish a shard set: resolve duplicates across parts, write the index, then the build record.
+
+The build record is written last, so a reader that finds it knows the index and
+every shard it names are complete.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import time
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from pipeline.build import BuildConfig, read_manifest, tool_version, _table_bytes
+from shards import layout
+from shards.errors import UserError
+from shards.manifest import ACCEPTED, INDEX_SCHEMA, REJECTED, to_parquet_bytes
+from shards.storage import get_fs, join, read_json, redact, write_bytes, write_json
+from shards.tario import iter_samples, write_tar
+
+log = logging.getLogger(__name__)
+
+
+def _manifests(fs, root: str) -> list[str]:
+    path = join(root, layout.MANIFEST_DIR)
+    if not fs.exists(path):
+        return []
+    return sorted(p for p in fs.ls(path, detail=False) if p.endswith(".parquet"))
+
+
+def _drop_cross_part_duplicates(fs, root: str, manifests: list[str]) -> int:
+    """Later copies (by listing position) of content already accepted in another part become rejections."""
+    tables = []
+    for m in manifests:
+        t, _ = read_manifest(fs, m)
+        t = t.filter(pc.equal(t["status"], ACCEPTED)).select(["list_pos", "sha256", "key", "shard", "url"])
+        tables.append(t.append_column("manifest", pa.array([m] * t.num_rows, pa.string())))
+    if not tables:
+        return 0
+    acc = pa.concat_tables(tables).sort_by("list_pos").to_pydict()
+    first: dict[str, str] = {}
+    losers: dict[str, dict[str, str]] = {}   # manifest -> key -> winner url
+    for sha, key, url, man in zip(acc["sha256"], acc["key"], acc["url"], acc["manifest"]):
+        if sha in first:
+            losers.setdefault(man, {})[key] = first[sha]
+        else:
+            first[sha] = url
+    for man, keys in sorted(losers.items()):
+        table, entry = read_manifest(fs, man)
+        tar_path = join(root, entry["name"])
+        with fs.open(tar_path, "rb") as f:
+            kept = [s for s in iter_samples(f) if s["__key__"] not in keys]
+        data = write_tar(kept)
+        entry.update(samples=len(kept), bytes=len(data), sha256=hashlib.sha256(data).hexdigest())
+        write_bytes(fs, tar_path, data)
+        cols = table.to_pydict()
+        for i, key in enumerate(cols["key"]):
+            if key in keys:
+                cols["status"][i], cols["reason"][i] = REJECTED, "duplicate"
+                cols["detail"][i] = f"same normalised content as {keys[key]}"
+                cols["key"][i] = cols["shard"][i] = None
+        new = pa.Table.from_pydict(cols, schema=table.schema.remove_metadata())
+        write_bytes(fs, man, _table_bytes(new.replace_schema_metadata({"shard": json.dumps(entry)})))
+        log.info("dropped %d cross-part duplicate(s) from %s", len(keys), entry["name"])
+    return sum(len(k) for k in losers.values())
+
+
+def merge(dst: str, num_parts: int, options: dict | None = None, source: str | None = None,
+          config: BuildConfig | None = None) -> dict:
+    """Combine finished parts into the published index and build record. Idempotent."""
+    fs, root = get_fs(dst, options)
+    records = []
+    missing = []
+    for part in range(num_parts):
+        path = join(root, layout.part_record_name(part, num_parts))
+        if fs.exists(path):
+            records.append(read_json(fs, path))
+        else:
+            missing.append(str(part))
+    if missing:
+        raise UserError(f"cannot merge {dst}: part(s) {', '.join(missing)} of {num_parts} not finished")
+    manifests = _manifests(fs, root)
+    dropped = _drop_cross_part_duplicates(fs, root, manifests) if num_parts > 1 else 0
+
+    entries, counts = [], {"inputs": 0, ACCEPTED: 0, REJECTED: 0}
+    reasons: dict[str, int] = {}
+    for m in manifests:
+        table, entry = read_manifest(fs, m)
+        if entry and entry["samples"]:
+            entries.append(entry)
+        cols = table.select(["status", "reason"]).to_pydict()
+        for status, reason in zip(cols["status"], cols["reason"]):
+            counts["inputs"] += 1
+            counts[status] += 1
+            if status == REJECTED:
+                reasons[reason] = reasons.get(reason, 0) + 1
+    entries.sort(key=lambda e: e["name"])
+    write_bytes(fs, join(root, layout.INDEX), to_parquet_bytes(entries, INDEX_SCHEMA))
+    fingerprint = records[0]["fingerprint"]
+    record = {
+        "tool": "swav-stream", "version": tool_version(), "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "source": source or fingerprint["source"], "config": redact(
+            dataclasses.asdict(config) if config else fingerprint["config"]),
+        "num_parts": num_parts, "counts": counts, "reasons": reasons, "shards": len(entries),
+        "samples": sum(e["samples"] for e in entries), "bytes": sum(e["bytes"] for e in entries),
+        "cross_part_duplicates": dropped,
+    }
+    write_json(fs, join(root, layout.BUILD_RECORD), record)
+    return record
+

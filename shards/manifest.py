@@ -1,0 +1,64 @@
+"""Parquet schemas of the shard set: one manifest row per input object, one index row per shard."""
+
+from __future__ import annotations
+
+import io
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+ACCEPTED = "accepted"
+REJECTED = "rejected"
+
+# Every rejection has one of these names; a new failure mode gets a new name, never "other".
+REASONS = (
+    "empty",              # zero bytes
+    "not_an_image",       # no image decoder recognises the bytes (HTML error page, text, ...)
+    "unsupported_format", # an image format we do not take (PSD, EPS, ICO, ...)
+    "truncated",          # the image data ends early
+    "corrupt",            # decoder error inside the data (bad CRC, broken stream)
+    "too_many_pixels",    # header claims more pixels than allowed: refused before decoding
+    "too_small",          # shorter side below the minimum
+    "bad_aspect",         # longer/shorter side above the maximum ratio
+    "duplicate",          # same normalised content as an earlier object
+    "read_error",         # the object could not be read from storage
+)
+
+MANIFEST_SCHEMA = pa.schema([
+    ("list_pos", pa.int64()),      # position in the deterministic listing of the source
+    ("url", pa.string()),          # source object URL
+    ("size", pa.int64()),          # bytes in storage
+    ("status", pa.string()),       # accepted | rejected
+    ("reason", pa.string()),       # one of REASONS when rejected
+    ("detail", pa.string()),       # the decoder's words, for humans
+    ("key", pa.string()),          # sample key when accepted
+    ("shard", pa.string()),        # shard path (relative to the set) when accepted
+    ("sha256", pa.string()),       # hash of the normalised JPEG bytes
+    ("width", pa.int32()),         # original width (after EXIF orientation)
+    ("height", pa.int32()),
+    ("out_bytes", pa.int64()),     # bytes of the stored JPEG
+])
+
+INDEX_SCHEMA = pa.schema([
+    ("name", pa.string()),         # shard path relative to the set
+    ("samples", pa.int64()),
+    ("bytes", pa.int64()),
+    ("sha256", pa.string()),
+])
+
+LISTING_SCHEMA = pa.schema([
+    ("list_pos", pa.int64()),
+    ("url", pa.string()),
+    ("size", pa.int64()),
+])
+
+
+def to_parquet_bytes(rows: list[dict], schema: pa.Schema) -> bytes:
+    table = pa.Table.from_pylist(rows, schema=schema)
+    buf = io.BytesIO()
+    pq.write_table(table, buf, compression="zstd")
+    return buf.getvalue()
+
+
+def from_parquet_bytes(data: bytes, columns: list[str] | None = None) -> pa.Table:
+    return pq.read_table(io.BytesIO(data), columns=columns)

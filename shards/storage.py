@@ -1,0 +1,190 @@
+"""Every location is an fsspec URL plus storage options; this module is the only door.
+
+It adds what plain fsspec lacks for our use: retries with backoff on transient
+errors, publish-style writes that are never seen half-done, one-line errors for
+missing buckets and credentials, and redaction of secrets before anything is
+printed or saved.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import time
+from typing import Any, Callable, TypeVar
+
+import fsspec
+from fsspec.core import url_to_fs
+
+from shards.errors import UserError
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+_SECRET_WORDS = ("secret", "token", "password", "passwd", "credential", "session")
+_SECRET_KEYS = {"key", "aws_access_key_id", "access_key", "account_key", "sas_token"}
+
+
+def redact(value: Any) -> Any:
+    """A copy of a config/options tree with every credential-looking value replaced."""
+    if isinstance(value, dict):
+        out = {}
+        for k, v in value.items():
+            lk = str(k).lower()
+            if lk in _SECRET_KEYS or any(w in lk for w in _SECRET_WORDS):
+                out[k] = "<redacted>" if v not in (None, "") else v
+            else:
+                out[k] = redact(v)
+        return out
+    if isinstance(value, list):
+        return [redact(v) for v in value]
+    return value
+
+
+def options_from_env() -> dict:
+    """Storage options from SWAV_STORAGE_OPTIONS (a JSON object), for jobs launched by schedulers."""
+    raw = os.environ.get("SWAV_STORAGE_OPTIONS", "").strip()
+    if not raw:
+        return {}
+    try:
+        opts = json.loads(raw)
+    except json.JSONDecodeError as e:
+        raise UserError(f"SWAV_STORAGE_OPTIONS is not valid JSON: {e}") from None
+    if not isinstance(opts, dict):
+        raise UserError("SWAV_STORAGE_OPTIONS must be a JSON object")
+    return opts
+
+
+def s3_options(endpoint_url: str | None = None, profile: str | None = None, anon: bool = False) -> dict:
+    """Storage options for S3-compatible stores from the common CLI flags."""
+    opts: dict[str, Any] = {}
+    if endpoint_url:
+        opts["client_kwargs"] = {"endpoint_url": endpoint_url}
+    if profile:
+        opts["profile"] = profile
+    if anon:
+        opts["anon"] = True
+    return opts
+
+
+def merge_options(*parts: dict | None) -> dict:
+    out: dict = {}
+    for p in parts:
+        for k, v in (p or {}).items():
+            if isinstance(v, dict) and isinstance(out.get(k), dict):
+                out[k] = {**out[k], **v}
+            else:
+                out[k] = v
+    return out
+
+
+def options_for(url: str, options: dict | None) -> dict:
+    """Only object-store URLs take storage options; local paths ignore them."""
+    protocol = url.split("://", 1)[0] if "://" in url else "file"
+    return {} if protocol in ("file", "local") else dict(options or {})
+
+
+def get_fs(url: str, options: dict | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
+    """(filesystem, path) for a URL; unknown protocols become a one-line error."""
+    try:
+        return url_to_fs(url, **options_for(url, options))
+    except (ImportError, ValueError) as e:
+        raise UserError(f"cannot open {url!r}: {e}") from None
+
+
+def join(url: str, *parts: str) -> str:
+    out = url.rstrip("/")
+    for p in parts:
+        out = out + "/" + p.strip("/")
+    return out
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Errors worth retrying: network hiccups, throttling, 5xx. Not: missing, forbidden, bad input."""
+    if isinstance(exc, (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError,
+                        UserError, ValueError, KeyError, TypeError)):
+        return False
+    if isinstance(exc, (ConnectionError, TimeoutError)):
+        return True
+    text = f"{type(exc).__name__} {exc}".lower()
+    markers = ("slowdown", "throttl", "timeout", "timed out", "connection", "reset", "503", "500",
+               "502", "504", "internalerror", "serviceunavailable", "temporarily", "broken pipe")
+    return isinstance(exc, OSError) or any(m in text for m in markers)
+
+
+def with_retries(fn: Callable[[], T], what: str, attempts: int = 5, base_delay: float = 0.2) -> T:
+    """Run fn, retrying transient errors with jittered exponential backoff."""
+    for attempt in range(1, attempts + 1):
+        try:
+            return fn()
+        except Exception as e:  # noqa: BLE001 - classified below
+            if attempt == attempts or not is_transient(e):
+                raise
+            delay = base_delay * (2 ** (attempt - 1)) * (0.5 + random.random())
+            log.warning("%s failed (%s: %s); retry %d/%d in %.1fs", what, type(e).__name__, e,
+                        attempt, attempts - 1, delay)
+            time.sleep(delay)
+    raise AssertionError("unreachable")
+
+
+def explain(exc: BaseException, url: str) -> UserError:
+    """Turn storage exceptions a user can fix into a one-line error."""
+    name = type(exc).__name__
+    text = str(exc)
+    if "NoCredentials" in name or "credentials" in text.lower() and "unable to locate" in text.lower():
+        return UserError(f"no credentials for {url}: set AWS_* variables, --profile, or --anon")
+    if isinstance(exc, PermissionError) or "AccessDenied" in text or "Forbidden" in text:
+        return UserError(f"access denied to {url}: {text.splitlines()[0] if text else name}")
+    if isinstance(exc, FileNotFoundError) or "NoSuchBucket" in text:
+        return UserError(f"not found: {url}")
+    return UserError(f"cannot access {url}: {name}: {text.splitlines()[0] if text else ''}")
+
+
+def read_bytes(fs: fsspec.AbstractFileSystem, path: str, what: str | None = None) -> bytes:
+    return with_retries(lambda: fs.cat_file(path), what or f"read {path}")
+
+
+def write_bytes(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
+    """Write a whole object so readers see either nothing or all of it.
+
+    Object stores give that with a single PUT; on a local disk we write a
+    temporary sibling and rename it over the target.
+    """
+    if _is_local(fs):
+        parent = os.path.dirname(path)
+        os.makedirs(parent, exist_ok=True)
+        tmp = f"{path}.tmp-{os.getpid()}"
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        return
+    with_retries(lambda: fs.pipe_file(path, data), f"write {path}")
+
+
+def upload_file(fs: fsspec.AbstractFileSystem, local_path: str, path: str) -> None:
+    if _is_local(fs):
+        with open(local_path, "rb") as f:
+            write_bytes(fs, path, f.read())
+        return
+    with_retries(lambda: fs.put_file(local_path, path), f"upload {path}")
+
+
+def exists(fs: fsspec.AbstractFileSystem, path: str) -> bool:
+    return with_retries(lambda: fs.exists(path), f"stat {path}")
+
+
+def _is_local(fs: fsspec.AbstractFileSystem) -> bool:
+    protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
+    return protocol in ("file", "local")
+
+
+def read_json(fs: fsspec.AbstractFileSystem, path: str) -> Any:
+    return json.loads(read_bytes(fs, path).decode("utf-8"))
+
+
+def write_json(fs: fsspec.AbstractFileSystem, path: str, obj: Any) -> None:
+    write_bytes(fs, path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode("utf-8"))

@@ -1,0 +1,151 @@
+"""The `swav` command: a thin argparse layer over importable functions.
+
+This module and ``swav.demo`` are the application layer: they may compose the
+sharding pipeline with training. The training modules never import ``pipeline``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from shards.errors import UserError
+from shards.logs import setup_logging
+
+log = logging.getLogger("swav")
+
+
+def _pretrain(args: argparse.Namespace) -> int:
+    from swav.config import load_config
+    from swav.train import pretrain
+
+    cfg = load_config(args.config, args.overrides)
+    pretrain(cfg, dry_run=args.dry_run)
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from swav.evaluate import run_eval_cli
+
+    return run_eval_cli(args)
+
+
+def _export(args: argparse.Namespace) -> int:
+    from swav.export import export_checkpoint
+
+    path = export_checkpoint(args.checkpoint, args.out, fmt=args.format, include_head=args.include_head,
+                             storage_options=_opts(args))
+    print(f"wrote {path}")
+    return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    from swav.report import write_report
+
+    out = write_report(args.run, args.out)
+    print(f"wrote {', '.join(out)}")
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from swav.demo import run_demo
+
+    run_demo(args.out, steps=args.steps, endpoint_url=args.endpoint_url, fresh=args.fresh)
+    return 0
+
+
+def _opts(args: argparse.Namespace) -> dict:
+    from pipeline.cli import storage_options  # storage flags are shared, not pipeline logic
+
+    return storage_options(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from pipeline.cli import add_storage_flags, register
+
+    p = argparse.ArgumentParser(prog="swav", description="swav-stream: shard raw image buckets, stream-pretrain "
+                                "SwAV wide ResNet-50s with DeepSpeed, resume from cloud checkpoints.")
+    sub = p.add_subparsers(dest="command", metavar="{shards,pretrain,eval,export,report,demo}")
+    register(sub)
+
+    pt = sub.add_parser("pretrain", help="SwAV pretraining from a shard set (one process or under deepspeed/torchrun)",
+                        description="Run SwAV pretraining. CONFIG is a YAML file (see jobs/); overrides are dotted "
+                                    "key=value pairs, e.g. train.steps=500 deepspeed.zero_stage=2. Rerunning the "
+                                    "same command resumes from the latest checkpoint.")
+    pt.add_argument("config", metavar="CONFIG", help="YAML config file")
+    pt.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
+    pt.add_argument("--dry-run", action="store_true", help="resolve the config, build the model, print, and stop")
+    pt.set_defaults(func=_pretrain)
+
+    ev = sub.add_parser("eval", help="kNN or linear-probe evaluation of frozen trunk features",
+                        description="Evaluate frozen trunk features on a labelled image folder (class per "
+                                    "sub-folder) or shard set with labels in the sample JSON.")
+    esub = ev.add_subparsers(dest="eval_kind", metavar="{knn,linear}")
+    for kind, hlp in (("knn", "weighted kNN (k=20 and 200, T=0.07, cosine)"), ("linear", "linear probe (SGD, cosine lr)")):
+        e = esub.add_parser(kind, help=hlp, description=hlp)
+        e.add_argument("--checkpoint", default="", help="checkpoint URL (a run's checkpoint dir or one step's)")
+        e.add_argument("--random-init", action="store_true", help="evaluate a randomly initialised trunk instead")
+        e.add_argument("--arch", default="", help="trunk arch (default: from the checkpoint's config)")
+        e.add_argument("--train", required=True, help="labelled training images: folder with one sub-folder per class")
+        e.add_argument("--val", required=True, help="labelled validation images, same layout")
+        e.add_argument("--image-size", type=int, default=224, help="resize+center-crop size (default 224)")
+        e.add_argument("--batch-size", type=int, default=64, help="feature extraction batch (default 64)")
+        e.add_argument("--seed", type=int, default=0, help="seed for random init and the probe")
+        e.add_argument("--out", default="", help="write results as JSON here")
+        if kind == "linear":
+            e.add_argument("--epochs", type=int, default=100, help="probe epochs over cached features (default 100)")
+            e.add_argument("--lr", type=float, default=0.3, help="probe base lr at batch 256 (default 0.3)")
+            e.add_argument("--weight-decay", type=float, default=1e-6, help="probe weight decay (default 1e-6)")
+        add_storage_flags(e)
+    ev.set_defaults(func=_eval)
+
+    ex = sub.add_parser("export", help="export trunk (and optionally head) weights as a plain state_dict",
+                        description="Export weights from any checkpoint URL, ZeRO-sharded ones included.")
+    ex.add_argument("checkpoint", metavar="CHECKPOINT", help="checkpoint URL (run checkpoint dir or one step's)")
+    ex.add_argument("out", metavar="OUT", help="output .pt file (local path or fsspec URL)")
+    ex.add_argument("--format", choices=("torchvision", "swav"), default="torchvision",
+                    help="torchvision: keys load into torchvision.models.resnet50; swav: the reference release's keys")
+    ex.add_argument("--include-head", action="store_true", help="also export projection head and prototypes (swav format)")
+    add_storage_flags(ex)
+    ex.set_defaults(func=_export)
+
+    rp = sub.add_parser("report", help="plots and a summary table from a run's metrics.jsonl",
+                        description="Turn RUN/metrics.jsonl into PNG plots and a markdown summary.")
+    rp.add_argument("run", metavar="RUN", help="run directory (holds metrics.jsonl)")
+    rp.add_argument("--out", default="", help="output folder (default: RUN/report)")
+    rp.set_defaults(func=_report)
+
+    dm = sub.add_parser("demo", help="the whole product end to end on this machine, in minutes",
+                        description="Make an uncurated bucket from images shipped in scikit-image/scikit-learn, "
+                                    "build shards, pretrain on 2 DeepSpeed ranks with a queue, stop midway, resume, "
+                                    "evaluate, and write a report.")
+    dm.add_argument("--out", default="demo-output", help="where everything goes (default demo-output)")
+    dm.add_argument("--steps", type=int, default=240, help="training steps (default 240)")
+    dm.add_argument("--endpoint-url", default="", help="serve the bucket from this S3 endpoint instead of a folder")
+    dm.add_argument("--fresh", action="store_true", help="delete previous demo output first")
+    dm.set_defaults(func=_demo)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    setup_logging()
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    if args.command == "eval" and not args.eval_kind:
+        parser.parse_args(["eval", "--help"])
+    try:
+        return int(args.func(args) or 0)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
