@@ -1,0 +1,116 @@
+"""The training input: shard stream -> multi-crop batches, through torchdata's StatefulDataLoader.
+
+Each DataLoader worker is one consumer of the global shard order and builds
+whole batches, so a batch's contents and the stream state after it are one
+worker's business; StatefulDataLoader records that state per delivered batch.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Iterator
+
+import torch
+from torch.utils.data import IterableDataset, get_worker_info
+from torchdata.stateful_dataloader import StatefulDataLoader
+
+from shards.index import load_index
+from shards.stream import ShardStream
+from swav.augment import CropBatch
+from swav.multicrop import MultiCrop
+
+log = logging.getLogger(__name__)
+
+
+class _Batches:
+    """Iterator of CropBatch over one consumer's ShardStream; its state is the stream's."""
+
+    def __init__(self, stream: ShardStream, multicrop: MultiCrop, batch_size: int, augment: bool):
+        self.stream, self.mc, self.batch_size, self.augment = stream, multicrop, batch_size, augment
+        self.bad_samples = 0
+
+    def __iter__(self) -> "_Batches":
+        return self
+
+    def __next__(self) -> CropBatch:
+        items, keys = [], []
+        while len(items) < self.batch_size:
+            s = next(self.stream)
+            try:
+                items.append(self.mc.crops_u8(s["jpg"], s["__key__"], s["__pass__"]))
+                keys.append(s["__key__"])
+            except Exception as e:  # noqa: BLE001 - one undecodable sample must not stop training
+                self.bad_samples += 1
+                log.warning("skipping undecodable sample %s (%s); %d so far", s["__key__"], e, self.bad_samples)
+        return self.mc.collate(items, keys, self.augment)
+
+    def state_dict(self) -> dict:
+        return {"stream": self.stream.state_dict(), "bad_samples": self.bad_samples}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.stream.load_state_dict(state["stream"])
+        self.bad_samples = state.get("bad_samples", 0)
+
+
+class MultiCropStream(IterableDataset):
+    """Endless multi-crop batches for one rank; each DataLoader worker is its own stream consumer."""
+
+    def __init__(self, url: str, storage_options: dict | None, seed: int, rank: int, world_size: int,
+                 batch_size: int, multicrop: MultiCrop, augment: bool, mix: int = 4, cache_dir: str = "",
+                 cache_max_bytes: int = 10 * 1024**3, num_workers: int = 0, plan: dict | None = None):
+        self.url, self.options, self.seed = url, storage_options, seed
+        self.rank, self.world_size, self.batch_size = rank, world_size, batch_size
+        self.mc, self.augment, self.mix = multicrop, augment, mix
+        self.cache_dir, self.cache_max_bytes = cache_dir, cache_max_bytes
+        self.num_workers = max(1, num_workers)
+        self.plan = plan
+        self._index = None
+
+    def __iter__(self) -> Iterator[CropBatch]:
+        info = get_worker_info()
+        worker = info.id if info else 0
+        if self._index is None:
+            self._index = load_index(self.url, self.options)
+        consumer = self.rank * self.num_workers + worker
+        stream = ShardStream(self._index, self.seed, consumer, self.world_size * self.num_workers, self.mix,
+                             self.options, cache_dir=self.cache_dir, cache_max_bytes=self.cache_max_bytes,
+                             plan=self.plan)
+        return _Batches(stream, self.mc, self.batch_size, self.augment)
+
+
+def build_loader(cfg: Any, rank: int, world_size: int, pin_memory: bool = False,
+                 plan: dict | None = None) -> StatefulDataLoader:
+    mc = MultiCrop.from_config(cfg.crops, cfg.seed)
+    ds = MultiCropStream(cfg.data.url, cfg.data.storage_options, cfg.seed, rank, world_size, cfg.train.batch_size,
+                         mc, augment=cfg.crops.augment_on == "cpu", mix=cfg.data.mix_shards,
+                         cache_dir=cfg.data.cache_dir, cache_max_bytes=cfg.data.cache_max_bytes,
+                         num_workers=cfg.data.num_workers, plan=plan)
+    kw: dict[str, Any] = {}
+    if cfg.data.num_workers > 0:
+        kw.update(prefetch_factor=cfg.data.prefetch_factor, persistent_workers=False,
+                  multiprocessing_context="fork" if not torch.cuda.is_available() else "spawn")
+    return StatefulDataLoader(ds, batch_size=None, num_workers=cfg.data.num_workers, pin_memory=pin_memory,
+                              collate_fn=_identity, **kw)
+
+
+def _identity(x):
+    return x
+
+
+def stream_states(loader_state: Any) -> list[dict]:
+    """Every stream state inside a StatefulDataLoader state_dict (one per worker)."""
+    found: list[dict] = []
+
+    def walk(x: Any) -> None:
+        if isinstance(x, dict):
+            if "stream_v" in x:
+                found.append(x)
+                return
+            for v in x.values():
+                walk(v)
+        elif isinstance(x, (list, tuple)):
+            for v in x:
+                walk(v)
+
+    walk(loader_state)
+    return found
