@@ -82,6 +82,8 @@ class _GroupAware:
             layout = getattr(self, "layouts", {}).get(gi)
             if layout is None:
                 for p in group["params"]:
+                    if p.numel() % d:
+                        continue  # a ZeRO-3 partition, not whole rows (engine.py warns about stage 3)
                     p.copy_(F.normalize(p.view(-1, d).float(), dim=1).view_as(p).to(p.dtype))
                 continue
             self._normalize_rows_partitioned(group, layout, d)

@@ -1,0 +1,274 @@
+"""Checkpoints on any fsspec URL: staged locally, uploaded with retries, published by `latest` last.
+
+Layout under ``checkpoint.url``::
+
+    latest                      {"tag", "step"}: written last by rank 0; the only thing a reader trusts
+    step-000000120/
+        rank00000/...           each rank's DeepSpeed files, exactly as DeepSpeed wrote them
+        state-rank00000.pt      per-rank state: stream position, queue, RNG (tensors and plain data only)
+        config.yaml             the resolved config (credentials redacted)
+        manifest.json           every file above with its size: written after all uploads, before `latest`
+
+A checkpoint whose manifest is missing, or whose files do not match it, is
+refused with a one-line error; `latest` naming one is never half-trusted.
+Loading uses ``torch.load(weights_only=True)`` for our files and for
+DeepSpeed's (see SafeCheckpointEngine), so a bucket cannot make us unpickle
+arbitrary objects.
+"""
+
+from __future__ import annotations
+
+import collections
+import enum
+import json
+import logging
+import os
+import shutil
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from shards.errors import UserError
+from shards.storage import explain, get_fs, join, read_bytes, upload_file, with_retries, write_bytes, write_json
+
+log = logging.getLogger(__name__)
+
+MARKER = "latest"
+MANIFEST = "manifest.json"
+CONFIG = "config.yaml"
+
+
+def tag_for(step: int) -> str:
+    return f"step-{step:09d}"
+
+
+def rank_dir(rank: int) -> str:
+    return f"rank{rank:05d}"
+
+
+def state_name(rank: int) -> str:
+    return f"state-rank{rank:05d}.pt"
+
+
+@dataclass
+class CheckpointRef:
+    """A published checkpoint: root URL, tag, and its manifest."""
+
+    root: str
+    tag: str
+    manifest: dict
+
+    @property
+    def url(self) -> str:
+        return join(self.root, self.tag)
+
+    @property
+    def step(self) -> int:
+        return int(self.manifest["step"])
+
+    @property
+    def world_size(self) -> int:
+        return int(self.manifest["world_size"])
+
+
+class CheckpointStore:
+    """Reads and writes checkpoints under one root URL."""
+
+    def __init__(self, url: str, options: dict | None = None):
+        self.url = url.rstrip("/")
+        self.options = options or {}
+        self.fs, self.root = get_fs(self.url, self.options)
+
+    # -- writing -------------------------------------------------------------------------------
+    def upload_dir(self, local_dir: str, tag: str, prefix: str) -> dict[str, int]:
+        """Upload every file under local_dir to <tag>/<prefix>/...; {relative name: size}."""
+        files: dict[str, int] = {}
+        for folder, _, names in os.walk(local_dir):
+            for name in sorted(names):
+                local = os.path.join(folder, name)
+                rel = os.path.relpath(local, local_dir).replace(os.sep, "/")
+                remote_rel = f"{prefix}/{rel}" if prefix else rel
+                self._upload(local, join(self.root, tag, remote_rel))
+                files[remote_rel] = os.path.getsize(local)
+        return files
+
+    def upload_bytes(self, tag: str, name: str, data: bytes) -> dict[str, int]:
+        try:
+            write_bytes(self.fs, join(self.root, tag, name), data)
+        except Exception as e:  # noqa: BLE001
+            raise explain(e, join(self.url, tag, name)) from None
+        return {name: len(data)}
+
+    def _upload(self, local: str, remote: str) -> None:
+        try:
+            upload_file(self.fs, local, remote)
+        except Exception as e:  # noqa: BLE001
+            raise explain(e, remote) from None
+
+    def publish(self, tag: str, step: int, world_size: int, files: dict[str, int], extra: dict | None = None) -> None:
+        """Rank 0, after every rank uploaded: the manifest, then the `latest` marker."""
+        manifest = {"tag": tag, "step": step, "world_size": world_size, "files": files, **(extra or {})}
+        write_json(self.fs, join(self.root, tag, MANIFEST), manifest)
+        write_json(self.fs, join(self.root, MARKER), {"tag": tag, "step": step})
+
+    def prune(self, keep: int) -> list[str]:
+        """Delete all but the newest `keep` published-or-not checkpoints, never the one `latest` names."""
+        latest = self.latest_tag()
+        tags = self.tags()
+        doomed = [t for t in tags[:-keep] if t != latest] if keep > 0 else []
+        for t in doomed:
+            try:
+                with_retries(lambda t=t: self.fs.rm(join(self.root, t), recursive=True), f"delete {t}")
+            except FileNotFoundError:
+                pass
+        return doomed
+
+    def tags(self) -> list[str]:
+        try:
+            entries = self.fs.ls(self.root, detail=False, refresh=True) if "s3" in str(self.fs.protocol) \
+                else self.fs.ls(self.root, detail=False)
+        except FileNotFoundError:
+            return []
+        names = sorted({e.rstrip("/").rsplit("/", 1)[-1] for e in entries})
+        return [n for n in names if n.startswith("step-")]
+
+    # -- reading -------------------------------------------------------------------------------
+    def latest_tag(self) -> str | None:
+        path = join(self.root, MARKER)
+        try:
+            if not with_retries(lambda: self.fs.exists(path), f"stat {path}"):
+                return None
+            raw = read_bytes(self.fs, path)
+        except Exception as e:  # noqa: BLE001
+            raise explain(e, join(self.url, MARKER)) from None
+        try:
+            tag = json.loads(raw.decode("utf-8"))["tag"]
+            if not isinstance(tag, str) or "/" in tag or not tag:
+                raise ValueError(tag)
+        except (ValueError, KeyError, TypeError, UnicodeDecodeError):
+            raise UserError(f"checkpoint marker {join(self.url, MARKER)} is corrupted (not a JSON object with "
+                            "a 'tag'); fix or delete it, or pass resume_from=<checkpoint URL>") from None
+        return tag
+
+    def latest(self) -> CheckpointRef | None:
+        tag = self.latest_tag()
+        return None if tag is None else self.open(tag)
+
+    def open(self, tag: str) -> CheckpointRef:
+        """A checkpoint by tag, verified against its manifest (every file present, sizes equal)."""
+        url = join(self.url, tag)
+        mpath = join(self.root, tag, MANIFEST)
+        try:
+            if not self.fs.exists(mpath):
+                raise UserError(f"checkpoint {url} is incomplete or missing (no {MANIFEST}); "
+                                "it was never published")
+            manifest = json.loads(read_bytes(self.fs, mpath).decode("utf-8"))
+            for name, size in sorted(manifest["files"].items()):
+                path = join(self.root, tag, name)
+                if not self.fs.exists(path):
+                    raise UserError(f"checkpoint {url} is damaged: {name} is missing")
+                actual = self.fs.size(path)
+                if actual != size:
+                    raise UserError(f"checkpoint {url} is damaged: {name} has {actual} bytes, manifest says {size}")
+        except UserError:
+            raise
+        except (ValueError, KeyError, TypeError):
+            raise UserError(f"checkpoint manifest {join(url, MANIFEST)} is corrupted") from None
+        except Exception as e:  # noqa: BLE001
+            raise explain(e, url) from None
+        return CheckpointRef(root=self.url, tag=tag, manifest=manifest)
+
+    def download(self, ref: CheckpointRef, local_dir: str, names: list[str]) -> str:
+        """Copy the named files of a checkpoint into local_dir (same relative layout)."""
+        for name in names:
+            dest = os.path.join(local_dir, *name.split("/"))
+            os.makedirs(os.path.dirname(dest), exist_ok=True)
+            src = join(self.root, ref.tag, name)
+            try:
+                with_retries(lambda s=src, d=dest: self.fs.get_file(s, d), f"download {name}")
+            except Exception as e:  # noqa: BLE001
+                raise explain(e, join(ref.url, name)) from None
+        return local_dir
+
+    def read_state(self, ref: CheckpointRef, rank: int) -> dict:
+        data = read_bytes(self.fs, join(self.root, ref.tag, state_name(rank)))
+        return safe_load_bytes(data)
+
+
+def resolve(url: str, options: dict | None = None) -> CheckpointRef:
+    """A checkpoint URL given by a user: a run's checkpoint root (uses `latest`) or one step's folder."""
+    store = CheckpointStore(url, options)
+    try:
+        if store.fs.exists(join(store.root, MANIFEST)):
+            parent, tag = store.url.rsplit("/", 1)
+            return CheckpointStore(parent, options).open(tag)
+    except UserError:
+        raise
+    except Exception as e:  # noqa: BLE001
+        raise explain(e, url) from None
+    ref = store.latest()
+    if ref is None:
+        raise UserError(f"no checkpoint at {url} (neither a '{MARKER}' marker nor a {MANIFEST})")
+    return ref
+
+
+# -- safe deserialisation ------------------------------------------------------------------------
+def _safe_globals() -> list:
+    """Types DeepSpeed checkpoints legitimately hold besides tensors and plain containers."""
+    allowed: list = [collections.OrderedDict, torch.Size, enum.Enum, set, frozenset]
+    try:  # DeepSpeed stores enums like its ZeRO stage and dtype tags
+        from deepspeed.runtime.zero.config import ZeroStageEnum
+        allowed.append(ZeroStageEnum)
+    except ImportError:
+        pass
+    try:
+        from deepspeed.utils.tensor_fragment import fragment_address
+        allowed.append(fragment_address)
+    except ImportError:
+        pass
+    try:
+        from deepspeed.runtime.fp16.loss_scaler import LossScaler, DynamicLossScaler
+        allowed += [LossScaler, DynamicLossScaler]
+    except ImportError:
+        pass
+    return allowed
+
+
+def safe_load(path: str, map_location: Any = "cpu") -> Any:
+    try:
+        with torch.serialization.safe_globals(_safe_globals()):
+            return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # noqa: BLE001 - pickle refuses: say which file and why
+        raise UserError(f"refusing to load {os.path.basename(path)}: it is not a plain tensor checkpoint "
+                        f"({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+
+
+def safe_load_bytes(data: bytes) -> Any:
+    import io
+
+    try:
+        with torch.serialization.safe_globals(_safe_globals()):
+            return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001
+        raise UserError(f"refusing to load a per-rank state file: {type(e).__name__}: "
+                        f"{str(e).splitlines()[0][:200]}") from None
+
+
+def install_safe_loading(engine) -> None:
+    """Make a DeepSpeed engine load its checkpoint files with weights_only=True."""
+    from deepspeed.runtime.checkpoint_engine import TorchCheckpointEngine
+
+    base = type(engine.checkpoint_engine) if engine.checkpoint_engine is not None else TorchCheckpointEngine
+
+    class SafeCheckpointEngine(base):  # type: ignore[misc, valid-type]
+        def load(self, path: str, map_location=None):
+            return safe_load(path, map_location=map_location or "cpu")
+
+    if engine.checkpoint_engine is not None:
+        engine.checkpoint_engine.__class__ = SafeCheckpointEngine
+
+
+def clear_dir(path: str) -> None:
+    shutil.rmtree(path, ignore_errors=True)
+    os.makedirs(path, exist_ok=True)

@@ -1,0 +1,112 @@
+"""Model, optimizer and DeepSpeed engine for a run, built so that ZeRO stages agree with each other.
+
+What needs care under ZeRO-1/2 (the optimizer sees flat fp32 partitions):
+LARS norms and prototype row normalisation are computed per layer tensor from
+a rebuilt layout (swav.zero_layout), and the prototype freeze is a group flag
+the optimizer honours (dropping ``p.grad`` does not reach the partitions).
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from swav.config import Config
+from swav.models import SwAVModel
+from swav.optim import build_optimizer
+
+log = logging.getLogger(__name__)
+
+
+def deepspeed_config(cfg: Config, world_size: int) -> dict:
+    """The generated DeepSpeed config; `deepspeed.extra` is merged on top (the user wins)."""
+    ds: dict[str, Any] = {
+        "train_micro_batch_size_per_gpu": cfg.train.batch_size,
+        "gradient_accumulation_steps": 1,
+        "train_batch_size": cfg.train.batch_size * world_size,
+        # DeepSpeed's default is 1.0; SwAV's recipe does not clip, so say so explicitly.
+        "gradient_clipping": cfg.deepspeed.gradient_clipping,
+        "zero_optimization": {"stage": cfg.deepspeed.zero_stage},
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+        "checkpoint": {"tag_validation": "Fail"},
+    }
+    if cfg.precision == "bf16":
+        # DeepSpeed's own bf16 mode casts BatchNorm; torch autocast keeps it (and our Sinkhorn) in fp32.
+        ds["torch_autocast"] = {"enabled": True, "dtype": "bfloat16"}
+    return _merge(ds, cfg.deepspeed.extra)
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for k, v in (extra or {}).items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def build_model(cfg: Config, on_gpu: bool, world_size: int) -> nn.Module:
+    m = cfg.model
+    model = SwAVModel(m.arch, hidden_mlp=m.hidden_mlp, feat_dim=m.feat_dim, num_prototypes=m.num_prototypes)
+    if m.sync_bn and on_gpu and world_size > 1:
+        group = None
+        if m.sync_bn_group_size and m.sync_bn_group_size < world_size:
+            group = _sync_bn_group(m.sync_bn_group_size, world_size)
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model, process_group=group)
+    elif m.sync_bn and not on_gpu and world_size > 1:
+        log.warning("model.sync_bn=true does not apply on CPU (SyncBatchNorm needs CUDA): "
+                    "using per-rank BatchNorm")
+    if m.channels_last and not on_gpu:
+        log.info("model.channels_last applies on GPU only; ignored on CPU")
+    model.normalize_prototypes()
+    return model
+
+
+def _sync_bn_group(size: int, world_size: int):
+    import torch.distributed as dist
+
+    if world_size % size:
+        from shards.errors import UserError
+        raise UserError(f"model.sync_bn_group_size={size} does not divide the world size {world_size}")
+    rank, mine = dist.get_rank(), None
+    for start in range(0, world_size, size):
+        g = dist.new_group(list(range(start, start + size)))  # every rank must create every group
+        if start <= rank < start + size:
+            mine = g
+    return mine
+
+
+def build_engine(cfg: Config, model: nn.Module, world_size: int):
+    """(engine, client optimizer) with ZeRO layouts installed for stages 1 and 2."""
+    import deepspeed
+
+    optimizer = build_optimizer(model, cfg)
+    groups_params = [list(g["params"]) for g in optimizer.param_groups]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
+                                               config=deepspeed_config(cfg, world_size))
+    stage = cfg.deepspeed.zero_stage
+    if stage in (1, 2):
+        from swav.zero_layout import zero12_layouts
+
+        optimizer.set_layouts(zero12_layouts(engine.optimizer, groups_params))
+    elif stage == 3 and cfg.optim.name == "lars":
+        log.warning("deepspeed.zero_stage=3: LARS adapts with the norms of this rank's parameter partitions, "
+                    "not of whole layers, and prototype rows are normalised per partition; use stage 0-2 "
+                    "for the reference's numerics")
+    from swav.checkpoint import install_safe_loading
+
+    install_safe_loading(engine)
+    return engine, optimizer
+
+
+def set_step_hyperparams(optimizer: torch.optim.Optimizer, lr: float, freeze_prototypes: bool) -> None:
+    for g in optimizer.param_groups:
+        g["lr"] = lr
+        if g.get("name") == "prototypes":
+            g["frozen"] = freeze_prototypes

@@ -1,0 +1,371 @@
+"""`swav pretrain`: the SwAV training loop over a DeepSpeed engine, read top to bottom.
+
+One step: lr/freeze for this step -> next multi-crop batch -> forward all crops
+-> scores of the queue with the current prototypes -> distributed Sinkhorn and
+swapped loss -> DeepSpeed backward/step (LARS, prototype renormalisation in the
+optimizer's copy) -> push the queue -> log -> maybe checkpoint.
+
+Nothing is an epoch: schedules are arrays indexed by optimizer step, data is an
+endless stream whose position is checkpointed with everything else.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import math
+import os
+import random
+import signal
+import tempfile
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from shards.errors import UserError
+from shards.logs import setup_logging
+from shards.stream import resume_plan
+from swav import checkpoint as ckpt
+from swav import distributed
+from swav.config import Config, to_dict, to_yaml
+from swav.data import build_loader, stream_states
+from swav.engine import build_engine, build_model, set_step_hyperparams
+from swav.loss import swav_loss
+from swav.metrics import MetricsWriter, assignment_stats
+from swav.queue import EmbeddingQueue, local_queue_length
+from swav.schedules import warmup_cosine
+
+log = logging.getLogger("swav.train")
+
+
+class NonFiniteLoss(UserError):
+    """The loss became NaN or inf: the run stops; the last good checkpoint stays published."""
+
+
+@dataclass
+class RunResult:
+    step: int                      # optimizer steps completed
+    stopped_early: bool            # preempted (signal) or train.stop_after
+    losses: dict[int, float] = field(default_factory=dict)
+    checkpoint: str = ""           # URL of the last published checkpoint
+
+
+class _Preemption:
+    """SIGTERM/SIGINT set a flag; the loop checkpoints at the end of the step and exits."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._old: dict = {}
+
+    def __enter__(self) -> "_Preemption":
+        for sig in (signal.SIGTERM, signal.SIGINT, getattr(signal, "SIGUSR1", None)):
+            if sig is not None:
+                try:
+                    self._old[sig] = signal.signal(sig, self._handle)
+                except ValueError:  # not the main thread
+                    pass
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        if self.requested:  # a second signal: stop now
+            raise KeyboardInterrupt
+        self.requested = True
+        log.warning("received signal %d: checkpointing at the end of this step, then exiting", signum)
+
+    def __exit__(self, *exc) -> None:
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+
+def _agree(flag: bool, device: torch.device) -> bool:
+    """True on every rank when any rank says True (preemption arrives at different moments)."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item() > 0)
+
+
+def _rng_state() -> dict:
+    np_state = np.random.get_state()
+    return {"python": random.getstate(), "numpy": {"key": torch.from_numpy(np_state[1].astype(np.int64)),
+                                                    "pos": int(np_state[2]), "has_gauss": int(np_state[3]),
+                                                    "cached": float(np_state[4])},
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def _set_rng_state(state: dict) -> None:
+    py = state["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    n = state["numpy"]
+    np.random.set_state(("MT19937", n["key"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached"]))
+    torch.set_rng_state(state["torch"])
+    if torch.cuda.is_available() and state.get("cuda"):
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _seed_everything(seed: int, rank: int) -> None:
+    random.seed(seed + rank)
+    np.random.seed((seed + rank) % 2**32)
+    torch.manual_seed(seed)  # same init on every rank; DeepSpeed also broadcasts rank 0's weights
+
+
+def _warn_inapplicable(cfg: Config, on_gpu: bool) -> None:
+    if cfg.crops.augment_on == "device" and not on_gpu:
+        log.info("crops.augment_on=device on CPU: the photometric augmentation runs in the training process")
+    if cfg.precision == "bf16" and not on_gpu:
+        log.warning("precision=bf16 on CPU: autocast runs, but CPU bf16 is slow; fp32 is the CPU default")
+    if cfg.swav.queue_length and cfg.swav.queue_length < cfg.train.batch_size * _world():
+        log.warning("swav.queue_length=%d is shorter than the global batch %d: no queue will be used",
+                    cfg.swav.queue_length, cfg.train.batch_size * _world())
+
+
+def _world() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def _checkpoint_url(cfg: Config) -> str:
+    return cfg.checkpoint.url or os.path.join(cfg.run_dir, "checkpoints")
+
+
+def pretrain(cfg: Config, dry_run: bool = False) -> RunResult:
+    """Run (or resume) SwAV pretraining as configured; returns when train.steps are done or on preemption."""
+    rank, world, local_rank = distributed.init()
+    setup_logging(rank)
+    on_gpu = torch.cuda.is_available()
+    device = torch.device("cuda", local_rank) if on_gpu else torch.device("cpu")
+    if on_gpu:
+        torch.cuda.set_device(device)
+    if rank == 0:
+        log.info("resolved config:\n%s", to_yaml(cfg).rstrip())
+        os.makedirs(cfg.run_dir, exist_ok=True)
+        with open(os.path.join(cfg.run_dir, "config.yaml"), "w", encoding="utf-8") as f:
+            f.write(to_yaml(cfg))
+    _warn_inapplicable(cfg, on_gpu)
+    if not cfg.data.url and not dry_run:
+        raise UserError("data.url is not set: give the shard set to train on, e.g. data.url=s3://bucket/shards")
+    _seed_everything(cfg.seed, rank)
+
+    model = build_model(cfg, on_gpu, world).to(device)
+    if on_gpu and cfg.model.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    if dry_run:
+        n = sum(p.numel() for p in model.trunk.parameters())
+        log.info("dry run: %s trunk with %d parameters, feature width %d", cfg.model.arch, n, model.trunk.out_dim)
+        return RunResult(step=0, stopped_early=False)
+    engine, optimizer = build_engine(cfg, model, world)
+    module = engine.module
+
+    bs = cfg.train.batch_size
+    queue = EmbeddingQueue(len(cfg.swav.crops_for_assign),
+                           local_queue_length(cfg.swav.queue_length, bs, world), cfg.model.feat_dim).to(device)
+    lr_schedule = warmup_cosine(cfg.optim.base_lr, cfg.optim.final_lr, cfg.train.steps, cfg.optim.warmup_steps,
+                                cfg.optim.start_warmup)
+    store = ckpt.CheckpointStore(_checkpoint_url(cfg), cfg.checkpoint.storage_options)
+    stage_root = cfg.checkpoint.stage_dir or tempfile.mkdtemp(prefix="swav-ckpt-")
+
+    start_step, loader_state, plan, last_url = _resume(cfg, engine, queue, store, stage_root, rank, world)
+    loader = build_loader(cfg, rank, world, pin_memory=on_gpu, plan=plan)
+    if loader_state is not None:
+        loader.load_state_dict(loader_state)
+    metrics = MetricsWriter(cfg.run_dir, enabled=rank == 0)
+    result = RunResult(step=start_step, stopped_early=False, checkpoint=last_url)
+    if start_step >= cfg.train.steps:
+        log.info("nothing to do: the checkpoint is at step %d of %d", start_step, cfg.train.steps)
+        return result
+
+    autocast = (torch.autocast(device_type=device.type, dtype=torch.bfloat16) if cfg.precision == "bf16"
+                else contextlib.nullcontext())
+    n_heads = len(module.num_prototypes)
+    it = iter(loader)
+    window = {"t0": time.perf_counter(), "wait": 0.0, "steps": 0}
+    bar = tqdm(total=cfg.train.steps, initial=start_step, desc="pretrain", unit="step", disable=rank != 0,
+               mininterval=2.0, dynamic_ncols=True)
+    last_saved = start_step
+    with _Preemption() as preempt:
+        try:
+            for step in range(start_step, cfg.train.steps):
+                lr = float(lr_schedule[step])
+                set_step_hyperparams(optimizer, lr, freeze_prototypes=step < cfg.swav.freeze_prototypes_steps)
+
+                t_wait = time.perf_counter()
+                batch = next(it)
+                window["wait"] += time.perf_counter() - t_wait
+                crops = batch.augment(device)
+                if on_gpu and cfg.model.channels_last:
+                    crops = [c.contiguous(memory_format=torch.channels_last) for c in crops]
+
+                with autocast:
+                    emb, scores = engine(crops)
+                heads = scores if isinstance(scores, list) else [scores]
+                use_queue = step >= cfg.swav.queue_start_step and queue.full
+                loss, qs = 0.0, []
+                for h, head_scores in enumerate(heads):
+                    qscores = None
+                    if use_queue:
+                        with torch.no_grad():
+                            w = module.prototype_weights()[h].float()
+                            qscores = [queue.rows[i] @ w.t() for i in range(len(cfg.swav.crops_for_assign))]
+                    head_loss, head_q = swav_loss(head_scores.float(), bs, cfg.swav.crops_for_assign,
+                                                  cfg.swav.temperature, cfg.swav.epsilon,
+                                                  cfg.swav.sinkhorn_iterations, qscores, return_assignments=True)
+                    loss = loss + head_loss / n_heads
+                    qs.append(head_q[0])
+                loss_value = distributed.all_reduce_mean(loss).item()
+                if not math.isfinite(loss_value):  # the same mean on every rank: all stop together
+                    raise NonFiniteLoss(f"loss is {loss_value} at step {step + 1}; stopping before the update. "
+                                        f"The last good checkpoint is {result.checkpoint or '(none yet)'}; "
+                                        "lower optim.base_lr or check the data")
+                engine.backward(loss)
+                engine.step()
+                if step >= cfg.swav.queue_start_step and queue.length:
+                    for i, crop_id in enumerate(cfg.swav.crops_for_assign):
+                        queue.push(i, emb[bs * crop_id: bs * (crop_id + 1)].float())
+
+                result.losses[step + 1] = loss_value
+                result.step = step + 1
+                window["steps"] += 1
+                bar.update(1)
+
+                if result.step % cfg.train.log_every == 0 or result.step == cfg.train.steps:
+                    entropy, in_use = assignment_stats(qs[0])
+                    elapsed = time.perf_counter() - window["t0"]
+                    row = {"step": result.step, "loss": loss_value, "lr": lr,
+                           "images_per_s": window["steps"] * bs * world / max(elapsed, 1e-9),
+                           "data_wait": window["wait"] / max(elapsed, 1e-9),
+                           "assign_entropy": entropy, "prototypes_in_use": in_use,
+                           "entropy_max": math.log(module.num_prototypes[0]),
+                           "queue_in_use": bool(use_queue), "prototypes_frozen": step < cfg.swav.freeze_prototypes_steps}
+                    metrics.write(row)
+                    bar.set_postfix(loss=f"{loss_value:.3f}", ips=f"{row['images_per_s']:.0f}",
+                                    wait=f"{row['data_wait']:.0%}", protos=in_use, refresh=False)
+                    log.info("step %d/%d loss %.4f lr %.4g | %.1f img/s, data wait %.0f%% | assignment entropy "
+                             "%.2f/%.2f nats, %d prototypes in use | queue %s", result.step, cfg.train.steps,
+                             loss_value, lr, row["images_per_s"], 100 * row["data_wait"], entropy,
+                             row["entropy_max"], in_use, "on" if use_queue else "off")
+                    window = {"t0": time.perf_counter(), "wait": 0.0, "steps": 0}
+
+                stop = _agree(preempt.requested, device) or result.step == cfg.train.stop_after
+                due = result.step % cfg.checkpoint.every == 0 or result.step == cfg.train.steps
+                if due or stop:
+                    result.checkpoint = save_checkpoint(cfg, engine, queue, loader, store, stage_root, result.step,
+                                                        rank, world)
+                    last_saved = result.step
+                if stop:
+                    result.stopped_early = True
+                    log.warning("stopping after step %d (%s); rerun the same command to resume from %s",
+                                result.step, "signal" if preempt.requested else "train.stop_after",
+                                result.checkpoint)
+                    break
+        finally:
+            bar.close()
+            metrics.close()
+            del it
+    if rank == 0 and not result.stopped_early:
+        log.info("done: %d steps, last checkpoint %s (saved at step %d)", result.step, result.checkpoint, last_saved)
+    return result
+
+
+# -- checkpoints ---------------------------------------------------------------------------------
+def save_checkpoint(cfg: Config, engine, queue: EmbeddingQueue, loader, store: ckpt.CheckpointStore,
+                    stage_root: str, step: int, rank: int, world: int) -> str:
+    """Every rank stages and uploads its own files; rank 0 publishes after a barrier."""
+    tag = ckpt.tag_for(step)
+    t0 = time.perf_counter()
+    local = os.path.join(stage_root, tag, ckpt.rank_dir(rank))
+    ckpt.clear_dir(local)
+    engine.save_checkpoint(local, tag="ds", save_latest=False)
+    files = store.upload_dir(local, tag, ckpt.rank_dir(rank))
+    state = {"step": step, "rank": rank, "world_size": world, "loader": loader.state_dict(),
+             "queue": queue.state_dict(), "rng": _rng_state()}
+
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    files.update(store.upload_bytes(tag, ckpt.state_name(rank), buf.getvalue()))
+    all_files = distributed.all_gather_object(files)
+    if rank == 0:
+        merged: dict[str, int] = {}
+        for f in all_files:
+            merged.update(f)
+        merged.update(store.upload_bytes(tag, ckpt.CONFIG, to_yaml(cfg).encode("utf-8")))
+        store.publish(tag, step, world, merged, {"zero_stage": cfg.deepspeed.zero_stage, "arch": cfg.model.arch,
+                                                 "num_workers": cfg.data.num_workers})
+        pruned = store.prune(cfg.checkpoint.keep)
+        log.info("checkpoint %s published (%.1fs)%s", store.url + "/" + tag, time.perf_counter() - t0,
+                 f"; deleted {', '.join(pruned)}" if pruned else "")
+    distributed.barrier()
+    ckpt.clear_dir(local)
+    return store.url + "/" + tag
+
+
+def _resume(cfg: Config, engine, queue: EmbeddingQueue, store: ckpt.CheckpointStore, stage_root: str,
+            rank: int, world: int):
+    """(start step, this rank's loader state or None, stream plan or None, checkpoint URL)."""
+    if cfg.resume_from:
+        ref = ckpt.resolve(cfg.resume_from, cfg.checkpoint.storage_options)
+        src = ckpt.CheckpointStore(ref.root, cfg.checkpoint.storage_options)
+    else:
+        ref = store.latest()
+        src = store
+        if ref is None:
+            return 0, None, None, ""
+    log.info("resuming from %s (step %d, saved by %d rank(s))", ref.url, ref.step, ref.world_size)
+    local = os.path.join(stage_root, "resume-" + ref.tag)
+    ckpt.clear_dir(local)
+    same_world = ref.world_size == world
+    ds_files = [n for n in ref.manifest["files"] if n.startswith(ckpt.rank_dir(0) + "/")]
+    if cfg.deepspeed.zero_stage > 0:
+        # ZeRO partitions: each rank needs its own; all ranks' when the world changed (DeepSpeed decides).
+        ds_files += [n for n in ref.manifest["files"]
+                     if n.startswith("rank") and "/" in n and not n.startswith(ckpt.rank_dir(0) + "/")
+                     and (not same_world or n.startswith(ckpt.rank_dir(rank) + "/"))]
+    src.download(ref, local, sorted(set(ds_files)))
+    # DeepSpeed expects every rank's files side by side in one tag folder.
+    tagdir = os.path.join(local, "merged", "ds")
+    os.makedirs(tagdir, exist_ok=True)
+    for name in ds_files:
+        parts = name.split("/")
+        if len(parts) >= 3 and parts[1] == "ds":
+            dest = os.path.join(tagdir, *parts[2:])
+            os.makedirs(os.path.dirname(dest), exist_ok=True)
+            os.replace(os.path.join(local, *parts), dest)
+    load_optimizer = same_world or cfg.deepspeed.zero_stage == 0
+    if not load_optimizer:
+        log.warning("world size changed (%d -> %d) under ZeRO-%d: model weights are restored, optimizer "
+                    "momentum restarts from zero", ref.world_size, world, cfg.deepspeed.zero_stage)
+    try:
+        path, _ = engine.load_checkpoint(os.path.join(local, "merged"), tag="ds",
+                                         load_optimizer_states=load_optimizer, load_lr_scheduler_states=False,
+                                         load_module_only=not load_optimizer)
+    except UserError:
+        raise
+    except Exception as e:  # noqa: BLE001
+        raise UserError(f"cannot load checkpoint {ref.url}: {type(e).__name__}: {str(e).splitlines()[0][:300]}") \
+            from None
+    if path is None:
+        raise UserError(f"cannot load checkpoint {ref.url}: DeepSpeed found no model states in it")
+    states = [src.read_state(ref, r) for r in range(ref.world_size)]
+    ckpt.clear_dir(local)
+    mine = states[rank] if same_world else None
+    old_workers = ref.manifest.get("num_workers", cfg.data.num_workers)
+    if mine is not None and old_workers == cfg.data.num_workers:
+        _set_rng_state(mine["rng"])
+        queue.load_resized(mine["queue"], ref.world_size, world)
+        return ref.step, mine["loader"], None, ref.url
+    streams = [s for st in states for s in stream_states(st["loader"])]
+    plan = resume_plan(streams)
+    if mine is not None:
+        _set_rng_state(mine["rng"])
+        queue.load_resized(mine["queue"], ref.world_size, world)
+    else:
+        queue.load_resized(states[0]["queue"], ref.world_size, world)
+    log.warning("consumer layout changed (%d rank(s) x %d worker(s) -> %d x %d): the stream continues the same "
+                "global order from slot %d; samples that were in flight may be seen again",
+                ref.world_size, old_workers, world, cfg.data.num_workers, plan["base"])
+    return ref.step, None, plan, ref.url
