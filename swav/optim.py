@@ -19,7 +19,6 @@ from typing import Callable, Iterable
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
 
 @dataclass
@@ -61,13 +60,28 @@ def _views(flat: torch.Tensor, segs: list[Segment]) -> list[torch.Tensor]:
 class _GroupAware:
     """Shared by our optimizers: layouts, freezing, and row normalisation after each step."""
 
-    layouts: dict[int, GroupLayout]
+    # Keyed by group name, not position: DeepSpeed's ZeRO-1/2 steps one group at a time by
+    # temporarily making param_groups a one-element list, and load_state_dict replaces the dicts.
+    layouts: dict[str, GroupLayout]
 
     def set_layouts(self, layouts: dict[int, GroupLayout]) -> None:
-        self.layouts = layouts
+        """Layouts by group position at construction time."""
+        self.layouts = {self.param_groups[gi]["name"]: layout for gi, layout in layouts.items()}
+
+    def _name_groups(self) -> None:
+        seen: set[str] = set()
+        for i, g in enumerate(self.param_groups):
+            name = g.get("name") or f"group{i}"
+            if name in seen:
+                name = f"{name}{i}"
+            g["name"] = name
+            seen.add(name)
+
+    def _layout_of(self, group: dict) -> GroupLayout | None:
+        return getattr(self, "layouts", {}).get(group.get("name"))
 
     def _layout(self, gi: int) -> GroupLayout:
-        layout = getattr(self, "layouts", {}).get(gi)
+        layout = self._layout_of(self.param_groups[gi])
         if layout is None:
             params = self.param_groups[gi]["params"]
             layout = GroupLayout([[Segment(0, p.numel(), i, 0)] for i, p in enumerate(params)], len(params))
@@ -77,14 +91,17 @@ class _GroupAware:
     def normalize_rows(self) -> None:
         for gi, group in enumerate(self.param_groups):
             d = group.get("normalize_rows", 0)
-            if not d:
-                continue
-            layout = getattr(self, "layouts", {}).get(gi)
+            if not d or group.get("frozen"):
+                continue  # a frozen group must not move at all, not even by rounding
+            layout = self._layout_of(group)
             if layout is None:
                 for p in group["params"]:
                     if p.numel() % d:
                         continue  # a ZeRO-3 partition, not whole rows (engine.py warns about stage 3)
-                    p.copy_(F.normalize(p.view(-1, d).float(), dim=1).view_as(p).to(p.dtype))
+                    # Same arithmetic as the partitioned path (fp64 sums, one multiply), so ZeRO stages agree.
+                    rows = p.view(-1, d)
+                    inv = 1.0 / (rows.double() ** 2).sum(1).sqrt().clamp_min(1e-12)
+                    rows.mul_(inv.to(p.dtype).unsqueeze(1))
                 continue
             self._normalize_rows_partitioned(group, layout, d)
 
@@ -143,6 +160,7 @@ class LARS(torch.optim.Optimizer, _GroupAware):
                     split.append({**g, "params": small, "lars_adapt": False, "weight_decay": 0.0})
             groups = split
         super().__init__(groups, defaults)
+        self._name_groups()
         self.layouts = {}
 
     @torch.no_grad()
@@ -157,13 +175,12 @@ class LARS(torch.optim.Optimizer, _GroupAware):
                     continue
             wd, lr = group["weight_decay"], group["lr"]
             if group.get("lars_adapt", True):
-                self._adapt(gi, group, params, wd, lr)
-            for p in params:
-                if p.grad is None:
+                grads = self._adapted_grads(gi, group, params, wd, lr)
+            else:
+                grads = [None if p.grad is None else p.grad.add(p, alpha=wd) if wd else p.grad for p in params]
+            for p, g in zip(params, grads):
+                if g is None:
                     continue
-                g = p.grad
-                if not group.get("lars_adapt", True) and wd:
-                    g = g.add(p, alpha=wd)
                 state = self.state[p]
                 buf = state.get("momentum_buffer")
                 if buf is None:
@@ -174,7 +191,13 @@ class LARS(torch.optim.Optimizer, _GroupAware):
         self.normalize_rows()
         return loss
 
-    def _adapt(self, gi: int, group: dict, params: list[torch.Tensor], wd: float, lr: float) -> None:
+    def _adapted_grads(self, gi: int, group: dict, params: list[torch.Tensor], wd: float,
+                       lr: float) -> list[torch.Tensor | None]:
+        """(g + wd*w) * adaptive_lr per layer tensor, as new tensors.
+
+        p.grad is never modified: under DeepSpeed the gradient buffers are the
+        engine's, and an in-place change would leak into its later steps.
+        """
         layout = self._layout(gi)
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
         w_norm = layout.tensor_sq_norms([p.detach() for p in params]).sqrt()
@@ -184,20 +207,21 @@ class LARS(torch.optim.Optimizer, _GroupAware):
         adaptive = trust * w_norm / (g_norm + w_norm * wd + eps)
         if group["clip"]:
             adaptive = torch.clamp(adaptive / lr, max=1.0)
-        scale = torch.where(active, adaptive, torch.ones_like(adaptive))
-        decay = torch.where(active, torch.full_like(adaptive, wd), torch.zeros_like(adaptive))
+        scale = torch.where(active, adaptive, torch.ones_like(adaptive)).tolist()
+        decay = torch.where(active, torch.full_like(adaptive, wd), torch.zeros_like(adaptive)).tolist()
+        out: list[torch.Tensor | None] = []
         for p, segs in zip(params, layout.segments):
-            if p.grad is None or not segs:
+            if p.grad is None:
+                out.append(None)
                 continue
-            ids = [s.tensor for s in segs]
-            gv, pv = _views(p.grad, segs), _views(p.detach(), segs)
-            dec = decay[ids].tolist()
-            sc = scale[ids].tolist()
-            for g, w, a, b in zip(gv, pv, dec, sc):
-                if a:
-                    g.add_(w, alpha=a)
-                if b != 1.0:
-                    g.mul_(b)
+            eff = p.grad.detach().clone()
+            for g, w, s in zip(_views(eff, segs), _views(p.detach(), segs), segs):
+                if decay[s.tensor]:
+                    g.add_(w, alpha=decay[s.tensor])
+                if scale[s.tensor] != 1.0:
+                    g.mul_(scale[s.tensor])
+            out.append(eff)
+        return out
 
 
 class AdamW(torch.optim.AdamW, _GroupAware):
@@ -209,6 +233,7 @@ class AdamW(torch.optim.AdamW, _GroupAware):
             g.setdefault("frozen", False)
             g.setdefault("normalize_rows", 0)
             g.setdefault("lars_adapt", False)
+        self._name_groups()
         self.layouts = {}
 
     @torch.no_grad()

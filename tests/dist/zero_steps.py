@@ -1,0 +1,48 @@
+"""Run a few SwAV steps on fixed inputs under one ZeRO stage (launched by torchrun from the tests).
+
+Writes the full model parameters after each step (rank 0) so tests can compare stages,
+and checks prototype invariants on every rank's working copy.
+"""
+
+import os
+import sys
+
+import torch
+
+from swav import distributed
+from swav.config import load_config
+from swav.engine import build_engine, build_model, set_step_hyperparams
+from swav.loss import swav_loss
+
+
+def main(stage: int, out: str, steps: int, freeze: int, optim: str) -> None:
+    rank, world, _ = distributed.init()
+    cfg = load_config(None, [f"deepspeed.zero_stage={stage}", "model.arch=resnet50w0.0625", "model.hidden_mlp=64",
+                             "model.feat_dim=16", "model.num_prototypes=[30,20]" if optim == "adamw" else
+                             "model.num_prototypes=30", "train.batch_size=4", f"optim.name={optim}",
+                             "optim.base_lr=0.5", "optim.weight_decay=0.01", "seed=5"])
+    torch.manual_seed(cfg.seed)
+    model = build_model(cfg, False, world)
+    engine, opt = build_engine(cfg, model, world)
+    gen = torch.Generator().manual_seed(100 + rank)
+    record = []
+    for step in range(steps):
+        set_step_hyperparams(opt, 0.5, freeze_prototypes=step < freeze)
+        crops = [torch.randn(2 * 4, 3, 32, 32, generator=gen), torch.randn(2 * 4, 3, 16, 16, generator=gen)]
+        emb, scores = engine(crops)
+        heads = scores if isinstance(scores, list) else [scores]
+        loss = sum(swav_loss(h, 4, (0, 1)) for h in heads) / len(heads)
+        engine.backward(loss)
+        engine.step()
+        params = {k: v.detach().clone() for k, v in engine.module.state_dict().items()}
+        for w in engine.module.prototype_weights():
+            norms = w.detach().norm(dim=1)
+            assert torch.allclose(norms, torch.ones_like(norms), atol=1e-5), f"rank {rank} step {step}: rows {norms}"
+        record.append({"loss": float(distributed.all_reduce_mean(loss)), "params": params})
+    if rank == 0:
+        torch.save(record, out)
+    distributed.barrier()
+
+
+if __name__ == "__main__":
+    main(int(sys.argv[1]), sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5] if len(sys.argv) > 5 else "lars")
