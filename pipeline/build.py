@@ -12,6 +12,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import hashlib
+import io
 import json
 import logging
 import multiprocessing
@@ -20,6 +21,7 @@ from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Iterator
 
+import pyarrow.parquet as pq
 from tqdm import tqdm
 
 import shards
@@ -29,7 +31,8 @@ from shards import layout
 from shards.errors import UserError
 from shards.manifest import (ACCEPTED, LISTING_SCHEMA, MANIFEST_SCHEMA, REJECTED, from_parquet_bytes,
                              to_parquet_bytes)
-from shards.storage import (explain, get_fs, join, read_bytes, read_json, redact, with_retries,
+from shards.storage import (explain, get_fs, join, read_bytes, read_json, redact, remove_stale_temporaries,
+                            with_retries,
                             write_bytes, write_json)
 from shards.tario import write_tar
 
@@ -141,10 +144,6 @@ class _PartWriter:
 
 
 def _table_bytes(table) -> bytes:
-    import io
-
-    import pyarrow.parquet as pq
-
     buf = io.BytesIO()
     pq.write_table(table, buf, compression="zstd")
     return buf.getvalue()
@@ -152,11 +151,7 @@ def _table_bytes(table) -> bytes:
 
 def read_manifest(fs, path: str):
     """(table, shard entry) of one committed manifest."""
-    import io
-
-    import pyarrow.parquet as pq
-
-    table = pq.read_table(io.BytesIO(read_bytes(fs, path)))
+    table = from_parquet_bytes(read_bytes(fs, path))
     meta = table.schema.metadata or {}
     return table, json.loads(meta[b"shard"]) if b"shard" in meta else None
 
@@ -252,6 +247,8 @@ def open_source(src: str, options: dict | None):
             if with_retries(lambda: fs.exists(root), f"stat {src}"):
                 raise UserError(f"source {src} is a file, not a prefix of images")
             raise UserError(f"source not found: {src}")
+        if next(iter(walk(fs, root, src.rstrip("/"))), None) is None:
+            raise UserError(f"source {src} holds no objects")
     except UserError:
         raise
     except Exception as e:  # noqa: BLE001
@@ -269,7 +266,8 @@ def build_part(src: str, dst: str, cfg: BuildConfig, src_options: dict | None = 
     result = PartResult(part=cfg.part)
     record_path = join(droot, layout.part_record_name(cfg.part, cfg.num_parts))
     config_path = record_path.replace(".json", ".config.json")
-    fingerprint = {"source": src, "config": cfg.fingerprint()}
+    # Through JSON once, so it compares equal to the copy read back from storage (tuples become lists).
+    fingerprint = json.loads(json.dumps({"source": src, "config": cfg.fingerprint()}))
     try:
         if dfs.exists(record_path):
             rec = read_json(dfs, record_path)
@@ -286,6 +284,7 @@ def build_part(src: str, dst: str, cfg: BuildConfig, src_options: dict | None = 
     except Exception as e:  # noqa: BLE001
         raise explain(e, dst) from None
 
+    remove_stale_temporaries(dfs, droot)
     number, last_pos, seen = _recover(dfs, droot, cfg, result)
     if number:
         log.info("part %d: resuming after %d committed shard(s), %d inputs done", cfg.part, number, result.inputs)

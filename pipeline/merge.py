@@ -104,7 +104,7 @@ def merge(dst: str, num_parts: int, options: dict | None = None, source: str | N
     record = {
         "tool": "swav-stream", "version": tool_version(), "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "source": source or fingerprint["source"], "config": redact(
-            dataclasses.asdict(config) if config else fingerprint["config"]),
+            fingerprint["config"]),  # the settings that shape the bytes, however the parts were run
         "num_parts": num_parts, "counts": counts, "reasons": reasons, "shards": len(entries),
         "samples": sum(e["samples"] for e in entries), "bytes": sum(e["bytes"] for e in entries),
         "cross_part_duplicates": dropped,

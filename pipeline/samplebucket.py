@@ -119,7 +119,7 @@ def odd_cases(root: str | os.PathLike) -> dict[str, str | None]:
         "odd/photo.bmp": (_bmp(small.transpose(Image.Transpose.FLIP_LEFT_RIGHT)), None),
         "odd/favicon.ico": (_ico(small), "unsupported_format"),
         "odd/bad-crc.png": (_bad_crc_png(small), "corrupt"),
-        "odd/dups/original.jpg": (good_jpeg, None),
+        "odd/dups/a-original.jpg": (good_jpeg, None),  # first in listing order: the one kept
         "odd/dups/copy of original.jpg": (good_jpeg, "duplicate"),
         "odd/dups/z-another-copy.jpg": (good_jpeg, "duplicate"),
         "odd/ünïcødé name with spaces.jpg": (_jpeg(small.transpose(Image.Transpose.FLIP_TOP_BOTTOM)), None),
@@ -143,7 +143,7 @@ def _with_alpha(img: Image.Image) -> Image.Image:
 
 def _multipage_tiff(img: Image.Image) -> bytes:
     buf = io.BytesIO()
-    img.save(buf, format="TIFF", save_all=True, append_images=[img.rotate(10), img.rotate(20)])
+    img.rotate(5).save(buf, format="TIFF", save_all=True, append_images=[img.rotate(10), img.rotate(20)])
     return buf.getvalue()
 
 

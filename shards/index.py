@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import io
 from dataclasses import dataclass
 
 import numpy as np
-import pyarrow.parquet as pq
-
 from shards import layout
 from shards.errors import UserError
+from shards.manifest import from_parquet_bytes
 from shards.storage import explain, get_fs, join, read_bytes, read_json
 
 
@@ -44,7 +42,7 @@ def load_index(url: str, options: dict | None = None, require_record: bool = Tru
             record = {}
         else:
             record = read_json(fs, record_path)
-        table = pq.read_table(io.BytesIO(read_bytes(fs, join(root, layout.INDEX))))
+        table = from_parquet_bytes(read_bytes(fs, join(root, layout.INDEX)))
     except UserError:
         raise
     except Exception as e:  # noqa: BLE001

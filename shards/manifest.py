@@ -61,4 +61,6 @@ def to_parquet_bytes(rows: list[dict], schema: pa.Schema) -> bytes:
 
 
 def from_parquet_bytes(data: bytes, columns: list[str] | None = None) -> pa.Table:
-    return pq.read_table(io.BytesIO(data), columns=columns)
+    # No reader threads: pyarrow's thread pool can abort the process at exit after reading from a
+    # Python file object (apache/arrow#34314, #50482); our manifests are small.
+    return pq.read_table(io.BytesIO(data), columns=columns, use_threads=False)

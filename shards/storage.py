@@ -177,6 +177,19 @@ def exists(fs: fsspec.AbstractFileSystem, path: str) -> bool:
     return with_retries(lambda: fs.exists(path), f"stat {path}")
 
 
+def remove_stale_temporaries(fs: fsspec.AbstractFileSystem, root: str) -> int:
+    """Delete temporaries that a killed local write_bytes left behind (object stores have none)."""
+    if not _is_local(fs) or not os.path.isdir(root):
+        return 0
+    removed = 0
+    for folder, _, names in os.walk(root):
+        for name in names:
+            if ".tmp-" in name:
+                os.remove(os.path.join(folder, name))
+                removed += 1
+    return removed
+
+
 def _is_local(fs: fsspec.AbstractFileSystem) -> bool:
     protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
     return protocol in ("file", "local")

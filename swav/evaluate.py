@@ -1,0 +1,212 @@
+"""`swav eval knn|linear`: how good are the frozen trunk features on labelled images?
+
+kNN follows the usual SSL protocol (cosine similarity, k nearest training
+features vote with weight exp(sim / T), T = 0.07); the linear probe trains one
+Linear layer on cached features with SGD + momentum and a cosine schedule.
+Labelled images come from a folder with one sub-folder per class, or from a
+shard set (the class is the name of each source object's parent folder).
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import logging
+import math
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from PIL import Image
+from torchvision.transforms.v2 import functional as TF
+
+from shards.errors import UserError
+from swav.augment import MEAN, STD
+from swav.models import build_trunk
+
+log = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+
+
+@dataclass
+class Labelled:
+    images: list[bytes]
+    labels: np.ndarray     # int64 class ids
+    classes: list[str]
+
+
+def load_folder(path: str) -> Labelled:
+    if not os.path.isdir(path):
+        raise UserError(f"not a folder of labelled images: {path}")
+    classes = sorted(d for d in os.listdir(path) if os.path.isdir(os.path.join(path, d)))
+    if not classes:
+        raise UserError(f"{path} has no class sub-folders (expected {path}/<class>/<image>)")
+    images, labels = [], []
+    for ci, c in enumerate(classes):
+        for name in sorted(os.listdir(os.path.join(path, c))):
+            if name.lower().endswith(IMAGE_SUFFIXES):
+                with open(os.path.join(path, c, name), "rb") as f:
+                    images.append(f.read())
+                labels.append(ci)
+    if not images:
+        raise UserError(f"no images under {path}")
+    return Labelled(images, np.asarray(labels, np.int64), classes)
+
+
+def load_shard_set(url: str, options: dict | None = None) -> Labelled:
+    from shards.index import load_index
+    from shards.storage import get_fs
+    from shards.tario import iter_samples
+
+    idx = load_index(url, options)
+    fs, _ = get_fs(url, options)
+    pairs = []
+    for i in range(len(idx)):
+        with fs.open(fs._strip_protocol(idx.shard_url(i)), "rb") as f:
+            for s in iter_samples(f):
+                parent = json.loads(s["json"])["url"].rstrip("/").rsplit("/", 2)[-2]
+                pairs.append((parent, s["jpg"]))
+    classes = sorted({p for p, _ in pairs})
+    lookup = {c: i for i, c in enumerate(classes)}
+    return Labelled([b for _, b in pairs], np.asarray([lookup[p] for p, _ in pairs], np.int64), classes)
+
+
+def load_labelled(where: str, options: dict | None = None) -> Labelled:
+    if os.path.isdir(where) and not os.path.exists(os.path.join(where, "build.json")):
+        return load_folder(where)
+    return load_shard_set(where, options)
+
+
+def _preprocess(data: bytes, size: int) -> torch.Tensor:
+    img = Image.open(io.BytesIO(data)).convert("RGB")
+    t = torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1)
+    t = TF.resize(t, [int(round(size * 256 / 224))], antialias=True)
+    t = TF.center_crop(t, [size, size]).float().div_(255)
+    return TF.normalize(t, list(MEAN), list(STD))
+
+
+@torch.no_grad()
+def extract(trunk: nn.Module, images: list[bytes], size: int, batch_size: int) -> torch.Tensor:
+    """L2-normalised trunk features [N, D] in eval mode."""
+    trunk.eval()
+    feats = []
+    for i in range(0, len(images), batch_size):
+        x = torch.stack([_preprocess(b, size) for b in images[i:i + batch_size]])
+        feats.append(F.normalize(trunk(x).float(), dim=1))
+    return torch.cat(feats)
+
+
+def knn_accuracy(train_f: torch.Tensor, train_y: torch.Tensor, val_f: torch.Tensor, val_y: torch.Tensor,
+                 k: int, temperature: float = 0.07, num_classes: int | None = None) -> tuple[float, float]:
+    """(top-1, top-5) in percent of a similarity-weighted kNN vote."""
+    c = num_classes or int(max(train_y.max(), val_y.max())) + 1
+    k = min(k, train_f.shape[0])
+    top1 = top5 = 0
+    for i in range(0, val_f.shape[0], 256):
+        sim = val_f[i:i + 256] @ train_f.t()
+        w, idx = sim.topk(k, dim=1)
+        votes = torch.zeros(sim.shape[0], c).scatter_add_(1, train_y[idx], (w / temperature).exp())
+        pred = votes.topk(min(5, c), dim=1).indices
+        y = val_y[i:i + 256].view(-1, 1)
+        top1 += (pred[:, :1] == y).any(1).sum().item()
+        top5 += (pred == y).any(1).sum().item()
+    n = val_f.shape[0]
+    return 100.0 * top1 / n, 100.0 * top5 / n
+
+
+def linear_probe(train_f: torch.Tensor, train_y: torch.Tensor, val_f: torch.Tensor, val_y: torch.Tensor,
+                 epochs: int = 100, lr: float = 0.3, weight_decay: float = 1e-6, batch_size: int = 256,
+                 seed: int = 0) -> tuple[float, float]:
+    """(top-1, top-5) of a linear classifier on frozen features (SGD momentum 0.9, cosine lr)."""
+    g = torch.Generator().manual_seed(seed)
+    c = int(max(train_y.max(), val_y.max())) + 1
+    head = nn.Linear(train_f.shape[1], c)
+    head.weight.data.normal_(0, 0.01, generator=g)
+    head.bias.data.zero_()
+    scaled_lr = lr * batch_size / 256
+    opt = torch.optim.SGD(head.parameters(), lr=scaled_lr, momentum=0.9, weight_decay=weight_decay)
+    steps_per_epoch = math.ceil(train_f.shape[0] / batch_size)
+    total = epochs * steps_per_epoch
+    step = 0
+    for _ in range(epochs):
+        perm = torch.randperm(train_f.shape[0], generator=g)
+        for i in range(0, train_f.shape[0], batch_size):
+            for group in opt.param_groups:
+                group["lr"] = scaled_lr * 0.5 * (1 + math.cos(math.pi * step / total))
+            idx = perm[i:i + batch_size]
+            loss = F.cross_entropy(head(train_f[idx]), train_y[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            step += 1
+    with torch.no_grad():
+        pred = head(val_f).topk(min(5, c), dim=1).indices
+    y = val_y.view(-1, 1)
+    return (100.0 * (pred[:, :1] == y).any(1).float().mean().item(),
+            100.0 * (pred == y).any(1).float().mean().item())
+
+
+def load_trunk(checkpoint: str, arch: str, random_init: bool, seed: int,
+               options: dict | None = None) -> tuple[nn.Module, str]:
+    """(trunk, description): from a checkpoint, or freshly initialised with the same architecture."""
+    if random_init or not checkpoint:
+        if not arch and checkpoint:
+            from swav.weights import checkpoint_config
+            from swav import checkpoint as ckpt
+
+            arch = checkpoint_config(ckpt.resolve(checkpoint, options), options).model.arch
+        if not arch:
+            raise UserError("give --checkpoint, or --random-init with --arch")
+        torch.manual_seed(seed)
+        return build_trunk(arch), f"random init {arch} (seed {seed})"
+    from swav.weights import load_model_state, trunk_state
+
+    state, cfg, ref = load_model_state(checkpoint, options)
+    trunk = build_trunk(arch or cfg.model.arch)
+    trunk.load_state_dict(trunk_state(state))
+    return trunk, f"{cfg.model.arch} from {ref.url}"
+
+
+def evaluate(kind: str, train: str, val: str, checkpoint: str = "", arch: str = "", random_init: bool = False,
+             image_size: int = 224, batch_size: int = 64, seed: int = 0, options: dict | None = None,
+             epochs: int = 100, lr: float = 0.3, weight_decay: float = 1e-6) -> dict:
+    torch.manual_seed(seed)
+    trunk, what = load_trunk(checkpoint, arch, random_init, seed, options)
+    tr, va = load_labelled(train, options), load_labelled(val, options)
+    if tr.classes != va.classes:
+        raise UserError(f"train and val classes differ: {tr.classes} vs {va.classes}")
+    train_f, val_f = extract(trunk, tr.images, image_size, batch_size), extract(trunk, va.images, image_size, batch_size)
+    train_y, val_y = torch.from_numpy(tr.labels), torch.from_numpy(va.labels)
+    out = {"kind": kind, "model": what, "train": train, "val": val, "train_images": len(tr.images),
+           "val_images": len(va.images), "classes": len(tr.classes), "feature_dim": int(train_f.shape[1])}
+    if kind == "knn":
+        for k in (20, 200):
+            t1, t5 = knn_accuracy(train_f, train_y, val_f, val_y, k, num_classes=len(tr.classes))
+            out[f"knn{k}_top1"], out[f"knn{k}_top5"] = t1, t5
+    else:
+        t1, t5 = linear_probe(train_f, train_y, val_f, val_y, epochs, lr, weight_decay, seed=seed)
+        out["linear_top1"], out["linear_top5"] = t1, t5
+    return out
+
+
+def run_eval_cli(args: argparse.Namespace) -> int:
+    from pipeline.cli import storage_options
+
+    extra = {"epochs": args.epochs, "lr": args.lr, "weight_decay": args.weight_decay} if args.eval_kind == "linear" else {}
+    res = evaluate(args.eval_kind, args.train, args.val, args.checkpoint, args.arch, args.random_init,
+                   args.image_size, args.batch_size, args.seed, storage_options(args), **extra)
+    print(f"{res['model']}: {res['train_images']} train / {res['val_images']} val images, {res['classes']} classes")
+    for k, v in res.items():
+        if k.endswith(("top1", "top5")):
+            print(f"  {k:<14}{v:6.2f}%")
+    if args.out:
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        with open(args.out, "w", encoding="utf-8") as f:
+            json.dump(res, f, indent=2)
+        print(f"wrote {args.out}")
+    return 0
