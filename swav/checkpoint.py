@@ -105,6 +105,7 @@ class CheckpointStore:
             upload_file(self.fs, local, remote)
         except Exception as e:  # noqa: BLE001
             raise explain(e, remote) from None
+        _maybe_inject_kill(remote)
 
     def publish(self, tag: str, step: int, world_size: int, files: dict[str, int], extra: dict | None = None) -> None:
         """Rank 0, after every rank uploaded: the manifest, then the `latest` marker."""
@@ -194,6 +195,23 @@ class CheckpointStore:
     def read_state(self, ref: CheckpointRef, rank: int) -> dict:
         data = read_bytes(self.fs, join(self.root, ref.tag, state_name(rank)))
         return safe_load_bytes(data)
+
+
+_uploads_done = 0
+
+
+def _maybe_inject_kill(remote: str) -> None:
+    """Fault injection for tests: SWAV_FAULT_KILL_UPLOAD=STEP:N makes rank 0 SIGKILL itself after
+    uploading N files of the checkpoint at STEP, as a preempted machine would mid-upload."""
+    spec = os.environ.get("SWAV_FAULT_KILL_UPLOAD", "")
+    if not spec or f"/{rank_dir(0)}/" not in remote:
+        return
+    step, n = (int(x) for x in spec.split(":"))
+    if f"/{tag_for(step)}/" in remote:
+        global _uploads_done
+        _uploads_done += 1
+        if _uploads_done >= n:
+            os.kill(os.getpid(), 9)
 
 
 def resolve(url: str, options: dict | None = None) -> CheckpointRef:
