@@ -131,7 +131,14 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     setup_logging()
     parser = build_parser()
-    args = parser.parse_args(argv)
+    # Overrides may come before or after flags (`pretrain CFG --dry-run a=1`): argparse alone stops
+    # collecting positionals at the first flag.
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        if getattr(args, "command", None) == "pretrain" and all("=" in e and not e.startswith("-") for e in extra):
+            args.overrides = [*args.overrides, *extra]
+        else:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if not getattr(args, "func", None):
         parser.print_help()
         return 2

@@ -26,6 +26,9 @@ def init() -> tuple[int, int, int]:
         os.environ.setdefault("MASTER_PORT", str(_free_port()))
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
+        if "OMP_NUM_THREADS" not in os.environ:  # ranks sharing a CPU must not oversubscribe its cores
+            local = int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, local)))
     import deepspeed
 
     if not dist.is_initialized():
