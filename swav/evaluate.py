@@ -125,6 +125,10 @@ def linear_probe(train_f: torch.Tensor, train_y: torch.Tensor, val_f: torch.Tens
     """(top-1, top-5) of a linear classifier on frozen features (SGD momentum 0.9, cosine lr)."""
     g = torch.Generator().manual_seed(seed)
     c = int(max(train_y.max(), val_y.max())) + 1
+    # Standardise each feature with the training statistics (the reference puts a BatchNorm without
+    # affine in front of its linear layer): raw trunk features differ in scale by orders of magnitude.
+    mean, std = train_f.mean(0, keepdim=True), train_f.std(0, keepdim=True).clamp_min(1e-6)
+    train_f, val_f = (train_f - mean) / std, (val_f - mean) / std
     head = nn.Linear(train_f.shape[1], c)
     head.weight.data.normal_(0, 0.01, generator=g)
     head.bias.data.zero_()

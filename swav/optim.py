@@ -169,10 +169,9 @@ class LARS(torch.optim.Optimizer, _GroupAware):
         for gi, group in enumerate(self.param_groups):
             if group.get("frozen"):
                 continue
-            params = [p for p in group["params"]]
-            if any(p.grad is None for p in params):
-                if all(p.grad is None for p in params):
-                    continue
+            params = list(group["params"])
+            if all(p.grad is None for p in params):  # also: an empty ZeRO-3 partition
+                continue
             wd, lr = group["weight_decay"], group["lr"]
             if group.get("lars_adapt", True):
                 grads = self._adapted_grads(gi, group, params, wd, lr)

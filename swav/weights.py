@@ -33,10 +33,11 @@ def load_model_state(url: str, options: dict | None = None) -> tuple[dict[str, t
     store = ckpt.CheckpointStore(ref.root, options)
     with tempfile.TemporaryDirectory(prefix="swav-weights-") as tmp:
         rank0 = f"{ckpt.rank_dir(0)}/ds/{MODEL_STATES}"
-        store.download(ref, tmp, [rank0])
-        states = ckpt.safe_load(os.path.join(tmp, *rank0.split("/")))
-        module = states.get("module") or {}
-        if ref.manifest.get("zero_stage", 0) == 3 or not module:
+        module = {}
+        if ref.manifest.get("zero_stage", 0) != 3 and rank0 in ref.manifest["files"]:
+            store.download(ref, tmp, [rank0])
+            module = ckpt.safe_load(os.path.join(tmp, *rank0.split("/"))).get("module") or {}
+        if not module:  # ZeRO-3: only partitions were saved
             module = _consolidate_zero3(store, ref, tmp)
     return {k: v.float() if v.is_floating_point() else v for k, v in module.items()}, cfg, ref
 
