@@ -82,7 +82,7 @@ def verify(url: str, options: dict | None = None, progress: bool = True) -> Veri
     report = VerifyReport()
     shas = idx.sha256.to_pylist()
     for i in tqdm(range(len(idx)), desc="verify", unit="shard", disable=not progress):
-        name = str(idx.names[i])
+        name = idx.name(i)
         path = fs._strip_protocol(idx.shard_url(i))
         report.shards += 1
         try:

@@ -16,7 +16,7 @@ class ShardIndex:
     """Shard names and sample counts as compact arrays (a million shards fit in tens of MB)."""
 
     url: str
-    names: np.ndarray      # object array of relative paths, or an arrow-backed array
+    names: object          # arrow string array of relative paths: no Python object per shard
     samples: np.ndarray    # int64
     nbytes: np.ndarray     # int64
     sha256: object         # arrow array (loaded lazily by verify)
@@ -26,7 +26,10 @@ class ShardIndex:
         return len(self.samples)
 
     def shard_url(self, i: int) -> str:
-        return join(self.url, str(self.names[i]))
+        return join(self.url, self.name(i))
+
+    def name(self, i: int) -> str:
+        return self.names[int(i)].as_py()
 
 
 def load_index(url: str, options: dict | None = None, require_record: bool = True) -> ShardIndex:
@@ -47,7 +50,6 @@ def load_index(url: str, options: dict | None = None, require_record: bool = Tru
         raise
     except Exception as e:  # noqa: BLE001
         raise explain(e, url) from None
-    names = table.column("name").combine_chunks()
-    return ShardIndex(url=url.rstrip("/"), names=np.asarray(names.to_numpy(zero_copy_only=False)),
+    return ShardIndex(url=url.rstrip("/"), names=table.column("name").combine_chunks(),
                       samples=table.column("samples").to_numpy(), nbytes=table.column("bytes").to_numpy(),
                       sha256=table.column("sha256"), record=record)

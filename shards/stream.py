@@ -178,7 +178,7 @@ class ShardStream:
             shard, _ = self.order.shard_at(slot)
             self.stats.shards_skipped += 1
             log.warning("skipping the rest of shard %s (%s: %s); %d shard(s) skipped so far",
-                        self.index.names[shard], type(e).__name__, e, self.stats.shards_skipped)
+                        self.index.name(shard), type(e).__name__, e, self.stats.shards_skipped)
             return None
 
     def _open_reader(self, slot: int, offset: int) -> Iterator[dict]:

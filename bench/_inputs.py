@@ -1,0 +1,48 @@
+"""Inputs shared by the benchmarks: a realistic mixed bucket and a shard set built from it."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+
+def mixed_bucket(root: Path, photos: int = 120) -> Path:
+    """Photos from scikit-image/scikit-learn resized to 400-2000 px, plus every odd case."""
+    from pipeline.samplebucket import odd_cases, photo_bucket
+
+    if not (root / ".done").exists():
+        photo_bucket(root / "photos", photos, seed=7, min_side=400, max_side=2000)
+        odd_cases(root / "odd")
+        (root / ".done").touch()
+    return root
+
+
+def workdir() -> Path:
+    d = Path(os.environ.get("SWAV_BENCH_DIR", Path(tempfile.gettempdir()) / "swav-bench"))
+    d.mkdir(parents=True, exist_ok=True)
+    return d
+
+
+def shard_set(samples_per_shard: int = 50) -> Path:
+    """A shard set of the mixed bucket (built once per work dir)."""
+    from pipeline.build import BuildConfig, build
+
+    root = workdir()
+    bucket = root / "bucket"
+    if not bucket.exists():
+        mixed_bucket(bucket)
+    dst = root / "shards"
+    if not (dst / "build.json").exists():
+        build(str(bucket), str(dst), BuildConfig(samples_per_shard=samples_per_shard), progress=False)
+    return dst
+
+
+def shard_jpegs(limit: int = 0) -> list[tuple[str, bytes]]:
+    from shards.tario import iter_samples
+
+    out = []
+    for tar in sorted((shard_set() / "shards").glob("*.tar")):
+        with open(tar, "rb") as f:
+            out += [(s["__key__"], s["jpg"]) for s in iter_samples(f)]
+    return out[:limit] if limit else out

@@ -1,0 +1,32 @@
+"""Run every benchmark and save the figures to bench/results/cpu-<date>.json."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(__file__))
+
+import augment_rate  # noqa: E402
+import build_rate  # noqa: E402
+import step_time  # noqa: E402
+
+
+def main() -> None:
+    results = {"machine": f"{platform.machine()} {os.cpu_count()} cores, {platform.python_version()}",
+               "date": time.strftime("%Y-%m-%d")}
+    results["build"] = build_rate.main()
+    results["augment_and_stream"] = augment_rate.main()
+    results["step_time"] = step_time.main()
+    out = os.path.join(os.path.dirname(__file__), "results", f"cpu-{results['date']}.json")
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    with open(out, "w") as f:
+        json.dump(results, f, indent=2)
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,111 @@
+"""Multi-crop views: the public API, determinism across restarts, and the photometric recipe."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+import torch
+import torchvision.transforms.v2.functional as TF
+from PIL import Image
+
+from swav import augment as A
+from swav.multicrop import MultiCrop
+
+
+@pytest.fixture(scope="module")
+def jpeg() -> bytes:
+    from pipeline.samplebucket import packaged_photos
+
+    buf = io.BytesIO()
+    dict(packaged_photos())["astronaut"].resize((400, 300)).save(buf, format="JPEG", quality=90)
+    return buf.getvalue()
+
+
+def test_views_in_config_order_with_the_right_shapes(jpeg):
+    mc = MultiCrop()
+    views = mc(jpeg, "key-1", 0)
+    assert [tuple(v.shape) for v in views] == [(3, 224, 224)] * 2 + [(3, 96, 96)] * 6
+    assert all(v.dtype == torch.float32 for v in views)
+    # normalised with the recipe's mean/std: roughly centred, not in [0, 1]
+    assert min(float(v.min()) for v in views) < -0.5
+
+
+def test_views_depend_on_seed_key_and_pass_only(jpeg):
+    mc = MultiCrop(seed=3)
+    a, b = mc(jpeg, "k", 0), MultiCrop(seed=3)(jpeg, "k", 0)
+    assert all(torch.equal(x, y) for x, y in zip(a, b)), "same (seed, key, pass): same views after a restart"
+    assert not torch.equal(mc(jpeg, "k", 1)[0], a[0])
+    assert not torch.equal(mc(jpeg, "other", 0)[0], a[0])
+    assert not torch.equal(MultiCrop(seed=4)(jpeg, "k", 0)[0], a[0])
+
+
+def test_batches_group_crops_by_resolution_crop_major(jpeg):
+    mc = MultiCrop([32, 16], [2, 3], [0.3, 0.1], [1.0, 0.3], seed=0)
+    items = [mc.crops_u8(jpeg, f"k{i}", 0) for i in range(4)]
+    batch = mc.collate(items, [f"k{i}" for i in range(4)], augment=False)
+    assert [tuple(x.shape) for x in batch.images] == [(8, 3, 32, 32), (12, 3, 16, 16)]
+    assert batch.images[0].dtype == torch.uint8
+    assert torch.equal(batch.images[0][1], items[1][0][0]) and torch.equal(batch.images[0][4], items[0][0][1])
+    assert torch.equal(batch.images[1][5], items[1][0][3])
+
+
+def test_device_mode_equals_the_cpu_path_given_the_same_parameters(jpeg):
+    mc = MultiCrop([32, 16], [2, 2], [0.3, 0.1], [1.0, 0.3], seed=0)
+    items = [mc.crops_u8(jpeg, f"k{i}", 0) for i in range(6)]
+    cpu = mc.collate(items, [], augment=True).augment()
+    device = mc.collate(items, [], augment=False).augment(device="cpu")
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(cpu, device))
+
+
+def test_photometric_parameter_distributions_follow_the_recipe():
+    rng = np.random.default_rng(0)
+    p = np.stack([A.sample_photometric(rng) for _ in range(20000)])
+    assert abs(p[:, 0].mean() - 0.8) < 0.015      # colour jitter applied with p = 0.8
+    assert abs(p[:, 9].mean() - 0.2) < 0.015      # grayscale p = 0.2
+    blurred = p[:, 10] > 0
+    assert abs(blurred.mean() - 0.5) < 0.015      # blur p = 0.5
+    assert p[blurred, 10].min() >= 0.1 and p[blurred, 10].max() <= 2.0
+    for col, (lo, hi) in zip((1, 2, 3, 4), ((0.2, 1.8), (0.2, 1.8), (0.2, 1.8), (-0.2, 0.2))):
+        assert p[:, col].min() >= lo and p[:, col].max() <= hi
+        assert abs(p[:, col].mean() - (lo + hi) / 2) < 0.02
+    orders = {tuple(r) for r in p[:, 5:9].astype(int)}
+    assert len(orders) == 24, "every order of the four jitter ops occurs"
+    mc = MultiCrop(seed=1)
+    flips = [box[4] for i in range(500) for box in mc.sample_params(f"k{i}", 0, 400, 300)[0]]
+    assert abs(np.mean(flips) - 0.5) < 0.03
+
+
+def _params(**kw) -> torch.Tensor:
+    p = torch.zeros(1, A.N_PARAMS)
+    p[0, 1:5] = torch.tensor([1.0, 1.0, 1.0, 0.0])
+    p[0, 5:9] = torch.tensor([0.0, 1.0, 2.0, 3.0])
+    for k, v in kw.items():
+        p[0, {"jitter": 0, "b": 1, "c": 2, "s": 3, "h": 4, "gray": 9, "blur": 10}[k]] = v
+    return p
+
+
+@pytest.mark.parametrize("op,factor,reference", [
+    ("b", 1.3, lambda x, f: TF.adjust_brightness(x, f)),
+    ("c", 0.6, lambda x, f: TF.adjust_contrast(x, f)),
+    ("s", 0.4, lambda x, f: TF.adjust_saturation(x, f)),
+])
+def test_each_colour_op_matches_torchvision(jpeg, op, factor, reference):
+    img = TF.resize(TF.pil_to_tensor(Image.open(io.BytesIO(jpeg)).convert("RGB")), [64, 64])
+    ours = A.photometric(img.unsqueeze(0), _params(jitter=1, **{op: factor}), normalize=False)[0]
+    theirs = reference(img.float() / 255, factor)
+    assert (ours - theirs).abs().mean() < 0.01
+
+
+def test_hue_and_grayscale_and_blur(jpeg):
+    img = TF.resize(TF.pil_to_tensor(Image.open(io.BytesIO(jpeg)).convert("RGB")), [64, 64]).unsqueeze(0)
+    hue = A.photometric(img, _params(jitter=1, h=0.1), normalize=False)[0]
+    theirs = TF.adjust_hue(img[0].float() / 255, 0.1)
+    assert (hue - theirs).abs().mean() < 0.045       # YIQ rotation vs torchvision's HSV: close, not equal
+    assert (hue - img[0] / 255).abs().mean() > 0.02
+    gray = A.photometric(img, _params(gray=1), normalize=False)[0]
+    assert torch.allclose(gray[0], gray[1]) and torch.allclose(gray[1], gray[2])
+    blur = A.photometric(img, _params(blur=1.5), normalize=False)[0]
+    plain = A.photometric(img, _params(), normalize=False)[0]
+    assert blur.std() < plain.std() and torch.allclose(blur.mean(), plain.mean(), atol=0.01)
