@@ -97,20 +97,26 @@ def colour_matrices(params: torch.Tensor, mean_rgb: torch.Tensor) -> tuple[torch
 def _gaussian_blur(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
     """Separable Gaussian blur, each image with its own sigma (radius 3 sigma, reflected borders).
 
-    One small depthwise convolution pair per image: on CPU this is about twice as fast as a single
-    grouped convolution over the whole batch (whose kernel must be as wide as the largest sigma).
+    Each pass is a weighted sum of shifted views (2r+1 fused multiply-adds over the image): on CPU
+    this beats both a grouped convolution over the batch and per-image depthwise convolutions.
     """
     out = torch.empty_like(x)
-    limit = max(1, (min(x.shape[-2:]) - 1) // 2)
+    h, w = x.shape[-2:]
+    limit = max(1, (min(h, w) - 1) // 2)
     for i, s in enumerate(sigma.tolist()):
         r = max(1, min(int(np.ceil(3 * s)), limit))
-        t = torch.arange(-r, r + 1, device=x.device, dtype=x.dtype)
-        k = torch.exp(-(t ** 2) / (2 * s * s))
-        k = k / k.sum()
-        y = F.conv2d(F.pad(x[i:i + 1], (r, r, 0, 0), mode="reflect"), k.view(1, 1, 1, -1).expand(3, 1, 1, -1),
-                     groups=3)
-        y = F.conv2d(F.pad(y, (0, 0, r, r), mode="reflect"), k.view(1, 1, -1, 1).expand(3, 1, -1, 1), groups=3)
-        out[i] = y[0]
+        t = np.arange(-r, r + 1, dtype=np.float64)
+        k = np.exp(-(t ** 2) / (2 * s * s))
+        k = (k / k.sum()).tolist()
+        z = F.pad(x[i:i + 1], (r, r, 0, 0), mode="reflect")[0]
+        row = z[..., 0:w] * k[0]
+        for j in range(1, 2 * r + 1):
+            row.add_(z[..., j:j + w], alpha=k[j])
+        z = F.pad(row.unsqueeze(0), (0, 0, r, r), mode="reflect")[0]
+        col = z[:, 0:h, :] * k[0]
+        for j in range(1, 2 * r + 1):
+            col.add_(z[:, j:j + h, :], alpha=k[j])
+        out[i] = col
     return out
 
 

@@ -8,6 +8,7 @@ worker's business; StatefulDataLoader records that state per delivered batch.
 from __future__ import annotations
 
 import logging
+import warnings
 from typing import Any, Iterator
 
 import torch
@@ -89,6 +90,7 @@ def build_loader(cfg: Any, rank: int, world_size: int, pin_memory: bool = False,
     if cfg.data.num_workers > 0:
         kw.update(prefetch_factor=cfg.data.prefetch_factor, persistent_workers=False,
                   multiprocessing_context="fork" if not torch.cuda.is_available() else "spawn")
+    warnings.filterwarnings("ignore", message=".*set_vital.*")  # torchdata's own deprecation noise
     return StatefulDataLoader(ds, batch_size=None, num_workers=cfg.data.num_workers, pin_memory=pin_memory,
                               collate_fn=_identity, **kw)
 
