@@ -7,7 +7,7 @@ import tempfile
 from pathlib import Path
 
 
-def mixed_bucket(root: Path, photos: int = 120) -> Path:
+def mixed_bucket(root: Path, photos: int = 480) -> Path:
     """Photos from scikit-image/scikit-learn resized to 400-2000 px, plus every odd case."""
     from pipeline.samplebucket import odd_cases, photo_bucket
 

@@ -197,7 +197,11 @@ class _Processor:
     def __init__(self, fs, cfg: BuildConfig):
         self.fs, self.ncfg = fs, cfg.normalise
         workers = cfg.workers or multiprocessing.cpu_count()
-        self.procs = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
+        # forkserver: workers fork from a clean server that has already imported the decoder, so they
+        # start in milliseconds (spawn re-imports everything per worker) and inherit none of our threads.
+        ctx = multiprocessing.get_context("forkserver")
+        ctx.set_forkserver_preload(["pipeline.normalise"])
+        self.procs = ProcessPoolExecutor(workers, mp_context=ctx)
         self.threads = ThreadPoolExecutor(max(cfg.io_threads, workers))
         self.window = max(4 * workers, cfg.io_threads * 2)
 

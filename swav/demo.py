@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import shutil
 import subprocess
@@ -152,16 +153,23 @@ def _report_markdown(result, rows: list[dict], pre: dict, rnd: dict, seconds: fl
 
 def _print_closing(s: dict, rows: list[dict]) -> None:
     k = rows[-1].get("entropy_max", 0.0)
+    last = rows[-1]
+    n_protos = round(math.exp(k)) if k else 0
     print("\nDone. Where everything is:")
     print(f"  report       {s['report']}")
     print(f"  plots        {', '.join(s['plots'])}")
     print(f"  shards       {s['shards']}")
     print(f"  checkpoints  {s['checkpoints']}  (rerun `swav pretrain` with the same arguments to continue)")
     print("What the numbers mean:")
-    print(f"  loss {s['first_loss']:.3f} -> {s['last_loss']:.3f}: a uniform guess over the prototypes scores "
-          f"ln K = {k:.2f}; staying there means nothing was learned.")
-    print(f"  prototypes in use at the end: {rows[-1]['prototypes_in_use']} (assignment entropy "
-          f"{rows[-1]['assign_entropy']:.2f} of at most {k:.2f} nats): many in use = no collapse.")
+    print(f"  loss {s['first_loss']:.3f} -> {s['last_loss']:.3f}; a uniform prediction over the {n_protos} prototypes "
+          f"scores ln K = {k:.3f}.")
+    if s["last_loss"] - k < 0.02:
+        print("  The loss has settled at ln K: the model predicts every prototype equally (SwAV's collapse to "
+              "uniform predictions, common on tiny data and short runs; see README, 'The demo').")
+    else:
+        print("  The loss is below ln K: views of an image predict each other's cluster codes.")
+    print(f"  prototypes in use at the end: {last['prototypes_in_use']} of {n_protos} (assignment entropy "
+          f"{last['assign_entropy']:.2f} of at most {k:.2f} nats); few in use means the codes have collapsed.")
     print(f"  digits kNN top-1: {s['knn20_pretrained']:.1f}% pretrained vs {s['knn20_random']:.1f}% random init "
-          f"({s['knn20_pretrained'] - s['knn20_random']:+.1f} points from self-supervision alone).")
+          f"({s['knn20_pretrained'] - s['knn20_random']:+.1f} points from self-supervision).")
     print(f"  total time {s['seconds'] / 60:.1f} min")
