@@ -338,7 +338,7 @@ def build(src: str, dst: str, cfg: BuildConfig, src_options: dict | None = None,
     if cfg.num_parts == 1:
         from pipeline.merge import merge
 
-        merge(dst, 1, dst_options, source=src, config=cfg)
+        merge(dst, 1, dst_options, source=src)
     return result
 
 

@@ -6,7 +6,6 @@ every shard it names are complete.
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import logging
@@ -15,7 +14,7 @@ import time
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pipeline.build import BuildConfig, read_manifest, tool_version, _table_bytes
+from pipeline.build import read_manifest, tool_version, _table_bytes
 from shards import layout
 from shards.errors import UserError
 from shards.manifest import ACCEPTED, INDEX_SCHEMA, REJECTED, to_parquet_bytes
@@ -69,8 +68,7 @@ def _drop_cross_part_duplicates(fs, root: str, manifests: list[str]) -> int:
     return sum(len(k) for k in losers.values())
 
 
-def merge(dst: str, num_parts: int, options: dict | None = None, source: str | None = None,
-          config: BuildConfig | None = None) -> dict:
+def merge(dst: str, num_parts: int, options: dict | None = None, source: str | None = None) -> dict:
     """Combine finished parts into the published index and build record. Idempotent."""
     fs, root = get_fs(dst, options)
     records = []

@@ -32,7 +32,7 @@ from shards.logs import setup_logging
 from shards.stream import resume_plan
 from swav import checkpoint as ckpt
 from swav import distributed
-from swav.config import Config, to_dict, to_yaml
+from swav.config import Config, to_yaml
 from swav.data import build_loader, stream_states
 from swav.engine import build_engine, build_model, set_step_hyperparams
 from swav.loss import swav_loss

@@ -20,7 +20,7 @@ from shards.manifest import INDEX_SCHEMA, to_parquet_bytes
 from shards.stream import ShardStream, resume_plan
 from shards.tario import write_tar
 from swav.config import load_config
-from swav.data import build_loader, stream_states
+from swav.data import build_loader
 
 
 def tiny_jpeg(seed: int, size: int = 40) -> bytes:

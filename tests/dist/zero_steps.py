@@ -4,7 +4,6 @@ Writes the full model parameters after each step (rank 0) so tests can compare s
 and checks prototype invariants on every rank's working copy.
 """
 
-import os
 import sys
 
 import torch
