@@ -178,3 +178,23 @@ def test_config_errors_name_the_key(tmp_path):
     assert r.returncode == 2 and "'train.steps' expects an integer" in r.stderr
     r = swav_cli("pretrain", "jobs/tiny.yaml")
     assert r.returncode == 2 and "data.url is not set" in r.stderr
+
+
+def test_sigterm_checkpoints_at_the_end_of_the_step_and_the_rerun_continues(shard_set, tmp_path, baselines):
+    run = tmp_path / "run"
+    cmd = [sys.executable, "-m", "swav.cli", *args(shard_set, run, "checkpoint.every=100")]
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if (run / "metrics.jsonl").exists() and max(losses(run), default=0) >= 3:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out[-3000:]
+    assert "checkpointing at the end of this step" in out
+    latest = json.loads((run / "checkpoints" / "latest").read_text())
+    assert 3 <= latest["step"] < STEPS and latest["step"] == max(losses(run))
+    r = swav_cli(*args(shard_set, run, "checkpoint.every=100"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert losses(run) == baselines[1]
