@@ -129,16 +129,20 @@ def photometric(crops_u8: torch.Tensor, params: torch.Tensor, normalize: bool = 
     x = crops_u8.to(dtype)
     mean_rgb = x.mean(dim=(2, 3)).double().cpu() / 255.0
     m, o = colour_matrices(params, mean_rgb)
+    lo, hi = torch.zeros(3, 1), torch.ones(3, 1)
+    if normalize:
+        # Normalisation is per-channel affine: fold it into the colour map and the clamp bounds, and
+        # apply the (linear, per-channel) blur afterwards; same result, two passes fewer per crop.
+        mean, std = torch.tensor(MEAN).view(3, 1), torch.tensor(STD).view(3, 1)
+        m, o = m / std.view(1, 3, 1), (o - mean.view(1, 3)) / std.view(1, 3)
+        lo, hi = (lo - mean) / std, (hi - mean) / std
     m, o = (m / 255.0).to(x.device, dtype), o.to(x.device, dtype)
-    x = torch.baddbmm(o.view(n, 3, 1), m, x.view(n, 3, -1)).view_as(x).clamp_(0, 1)
+    y = torch.baddbmm(o.view(n, 3, 1), m, x.view(n, 3, -1))
+    x = y.clamp_(lo.to(x.device, dtype), hi.to(x.device, dtype)).view_as(x)
     idx = torch.nonzero(params[:, 10] > 0).flatten()
     if idx.numel():
         idx = idx.to(x.device)
         x[idx] = _gaussian_blur(x[idx], params[idx.cpu(), 10].to(x.device, dtype))
-    if normalize:
-        mean = torch.tensor(MEAN, device=x.device, dtype=dtype).view(1, 3, 1, 1)
-        std = torch.tensor(STD, device=x.device, dtype=dtype).view(1, 3, 1, 1)
-        x = x.sub_(mean).div_(std)
     return x
 
 
