@@ -241,3 +241,19 @@ def test_opening_a_million_shard_index_is_cheap(tmp_path):
     s.order.perm(0)
     assert time.perf_counter() - t0 < 3.0
     assert len(idx) == n
+
+
+def test_remote_shards_can_be_cached_locally_under_a_size_cap(tmp_path, s3):
+    fs, opts, name = s3
+    root = synthetic_set(tmp_path / "set", shards=6, per_shard=3)
+    fs.put(str(root) + "/", f"{name}/set/", recursive=True)
+    shard_bytes = (root / layout.shard_name(0, 0)).stat().st_size
+    idx = load_index(f"s3://{name}/set", opts)
+    cache = tmp_path / "cache"
+    s = ShardStream(idx, 2, 0, 1, mix=1, storage_options=opts, cache_dir=str(cache),
+                    cache_max_bytes=int(2.5 * shard_bytes))
+    got = [x["__key__"] for x in (next(s) for _ in range(18))]
+    assert sorted(got) == sorted(f"s{a:04d}-{i:05d}" for a in range(6) for i in range(3))
+    cached = list(cache.glob("*.tar"))
+    assert 1 <= len(cached) <= 2, "the cache keeps at most cache_max_bytes of shards"
+    assert not list(cache.glob("*.tmp-*"))
