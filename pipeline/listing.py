@@ -25,13 +25,11 @@ class SourceObject:
 
 
 def _entries(fs: fsspec.AbstractFileSystem, path: str) -> list[dict]:
-    entries = with_retries(lambda: fs.ls(path, detail=True, refresh=True) if _takes_refresh(fs)
-                           else fs.ls(path, detail=True), f"list {path}")
-    return sorted(entries, key=lambda e: e["name"])
+    def listing() -> list[dict]:
+        fs.invalidate_cache(path)  # object stores cache listings; a rerun must see the bucket as it is
+        return fs.ls(path, detail=True)
 
-
-def _takes_refresh(fs: fsspec.AbstractFileSystem) -> bool:
-    return "s3" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,))
+    return sorted(with_retries(listing, f"list {path}"), key=lambda e: e["name"])
 
 
 def walk(fs: fsspec.AbstractFileSystem, root: str, url_prefix: str) -> Iterator[SourceObject]:

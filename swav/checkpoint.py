@@ -126,9 +126,9 @@ class CheckpointStore:
         return doomed
 
     def tags(self) -> list[str]:
+        self.fs.invalidate_cache(self.root)  # object stores cache listings; we need what is there now
         try:
-            entries = self.fs.ls(self.root, detail=False, refresh=True) if "s3" in str(self.fs.protocol) \
-                else self.fs.ls(self.root, detail=False)
+            entries = self.fs.ls(self.root, detail=False)
         except FileNotFoundError:
             return []
         names = sorted({e.rstrip("/").rsplit("/", 1)[-1] for e in entries})
@@ -194,7 +194,7 @@ class CheckpointStore:
 
     def read_state(self, ref: CheckpointRef, rank: int) -> dict:
         data = read_bytes(self.fs, join(self.root, ref.tag, state_name(rank)))
-        return safe_load_bytes(data)
+        return safe_load(data, what=state_name(rank))
 
 
 _uploads_done = 0
@@ -253,24 +253,18 @@ def _safe_globals() -> list:
     return allowed
 
 
-def safe_load(path: str, map_location: Any = "cpu") -> Any:
-    try:
-        with torch.serialization.safe_globals(_safe_globals()):
-            return torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as e:  # noqa: BLE001 - pickle refuses: say which file and why
-        raise UserError(f"refusing to load {os.path.basename(path)}: it is not a plain tensor checkpoint "
-                        f"({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
-
-
-def safe_load_bytes(data: bytes) -> Any:
+def safe_load(source: str | bytes, map_location: Any = "cpu", what: str = "") -> Any:
+    """torch.load with weights_only=True (plus the few types DeepSpeed stores) from a path or bytes."""
     import io
 
+    what = what or (os.path.basename(source) if isinstance(source, str) else "a checkpoint file")
     try:
         with torch.serialization.safe_globals(_safe_globals()):
-            return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001
-        raise UserError(f"refusing to load a per-rank state file: {type(e).__name__}: "
-                        f"{str(e).splitlines()[0][:200]}") from None
+            return torch.load(io.BytesIO(source) if isinstance(source, bytes) else source,
+                              map_location=map_location, weights_only=True)
+    except Exception as e:  # noqa: BLE001 - pickle refuses: say which file and why
+        raise UserError(f"refusing to load {what}: it is not a plain tensor checkpoint "
+                        f"({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
 
 
 def install_safe_loading(engine) -> None:
