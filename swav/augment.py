@@ -24,19 +24,25 @@ BLUR_SIGMA = (0.1, 2.0)
 N_PARAMS = 11   # jitter flag, 4 factors, 4 order slots, gray flag, blur sigma (0 = no blur)
 
 
-def sample_photometric(rng: np.random.Generator) -> np.ndarray:
-    """One crop's photometric parameters as a float32 vector (see N_PARAMS)."""
+def sample_photometric(rng: np.random.Generator, n: int | None = None) -> np.ndarray:
+    """Photometric parameters of one crop [N_PARAMS], or of n crops [n, N_PARAMS], as float32.
+
+    Drawn as a few arrays rather than per value: per-call overhead of the generator
+    dominated the CPU cost of small crops.
+    """
     b, c, s, h = JITTER
-    out = np.zeros(N_PARAMS, np.float32)
-    out[0] = rng.random() < P_JITTER
-    out[1] = rng.uniform(max(0.0, 1 - b), 1 + b)
-    out[2] = rng.uniform(max(0.0, 1 - c), 1 + c)
-    out[3] = rng.uniform(max(0.0, 1 - s), 1 + s)
-    out[4] = rng.uniform(-h, h)
-    out[5:9] = rng.permutation(4)
-    out[9] = rng.random() < P_GRAY
-    out[10] = rng.uniform(*BLUR_SIGMA) if rng.random() < P_BLUR else 0.0
-    return out
+    m = 1 if n is None else n
+    u = rng.random((m, 7))
+    out = np.empty((m, N_PARAMS), np.float32)
+    out[:, 0] = u[:, 0] < P_JITTER
+    for col, (lo, hi) in enumerate(((max(0.0, 1 - b), 1 + b), (max(0.0, 1 - c), 1 + c),
+                                    (max(0.0, 1 - s), 1 + s), (-h, h)), start=1):
+        out[:, col] = lo + (hi - lo) * u[:, col]
+    out[:, 5:9] = np.argsort(rng.random((m, 4)), axis=1)   # a uniformly random order of the four ops
+    out[:, 9] = u[:, 5] < P_GRAY
+    sigma = BLUR_SIGMA[0] + (BLUR_SIGMA[1] - BLUR_SIGMA[0]) * rng.random(m)
+    out[:, 10] = np.where(u[:, 6] < P_BLUR, sigma, 0.0)
+    return out[0] if n is None else out
 
 
 _LUMA = (0.299, 0.587, 0.114)
@@ -46,22 +52,23 @@ _RGB2YIQ = torch.tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211,
 _YIQ2RGB = torch.linalg.inv(_RGB2YIQ)
 
 
-def colour_matrices(params: torch.Tensor, mean_rgb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per crop, the affine colour map (M [N,3,3], o [N,3]) of jitter (in its sampled order) then grayscale.
+def colour_maps(params: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per crop, the affine colour map of jitter (in its sampled order) then grayscale, as (M [N,3,3],
+    A [N,3,3]) in float64: a pixel p becomes M p + A mu, where mu is the crop's mean colour.
 
     Every SwAV colour op is affine in RGB: brightness scales, saturation and grayscale mix with luma,
-    contrast mixes with the image's mean luma (known exactly from the mean colour), and hue is a
-    rotation about the grey axis (done in YIQ). Composing them costs nothing per pixel, so a crop is
-    transformed with one 3x3 multiply and a single clamp, instead of four passes with a clamp after
-    each as torchvision does; and hue is YIQ's rotation rather than HSV's (the usual fast variant).
+    contrast mixes with the image's mean luma, and hue is a rotation about the grey axis (done in
+    YIQ). The only offsets come from contrast and are linear in the mean colour, hence A. Composing
+    them costs nothing per pixel, so a crop is transformed with one 3x3 multiply and a single clamp,
+    instead of four passes with a clamp after each as torchvision does; and hue is YIQ's rotation
+    rather than HSV's (the usual fast variant).
     """
     n = params.shape[0]
     p = params.double()
     eye = torch.eye(3, dtype=torch.float64).expand(n, 3, 3)
     w = torch.tensor(_LUMA, dtype=torch.float64)
     luma = torch.ones(3, 1, dtype=torch.float64) @ w.view(1, 3)          # every channel := luma
-    m, o = eye.clone(), torch.zeros(n, 3, dtype=torch.float64)
-    mu = mean_rgb.double()
+    m, off = eye.clone(), torch.zeros(n, 3, 3, dtype=torch.float64)
     jitter = p[:, 0] > 0.5
     for slot in range(4):
         op = p[:, 5 + slot].long()
@@ -71,27 +78,28 @@ def colour_matrices(params: torch.Tensor, mean_rgb: torch.Tensor) -> tuple[torch
                 continue
             f = p[sel, 1 + kind].view(-1, 1, 1)
             if kind == 0:      # brightness
-                a, b = f * eye[sel], torch.zeros(int(sel.sum()), 3, dtype=torch.float64)
-            elif kind == 1:    # contrast: towards the mean luma of the image as it is now
-                cur = (m[sel] @ mu[sel].unsqueeze(-1)).squeeze(-1) + o[sel]
                 a = f * eye[sel]
-                b = ((1 - f.view(-1, 1)) * (cur @ w).view(-1, 1)).expand(-1, 3)
+            elif kind == 1:    # contrast: towards the mean luma of the image as it is now (M + A) mu
+                a = f * eye[sel]
+                off[sel] = a @ off[sel] + (1 - f) * (luma @ (m[sel] + off[sel]))
+                m[sel] = a @ m[sel]
+                continue
             elif kind == 2:    # saturation
-                a, b = f * eye[sel] + (1 - f) * luma, torch.zeros(int(sel.sum()), 3, dtype=torch.float64)
+                a = f * eye[sel] + (1 - f) * luma
             else:              # hue
                 theta = -2 * torch.pi * p[sel, 4]  # the sign that turns hues the way HSV does
                 c, s_ = torch.cos(theta), torch.sin(theta)
                 rot = torch.zeros(int(sel.sum()), 3, 3, dtype=torch.float64)
                 rot[:, 0, 0] = 1
                 rot[:, 1, 1], rot[:, 1, 2], rot[:, 2, 1], rot[:, 2, 2] = c, -s_, s_, c
-                a, b = _YIQ2RGB @ rot @ _RGB2YIQ, torch.zeros(int(sel.sum()), 3, dtype=torch.float64)
+                a = _YIQ2RGB @ rot @ _RGB2YIQ
             m[sel] = a @ m[sel]
-            o[sel] = (a @ o[sel].unsqueeze(-1)).squeeze(-1) + b
+            off[sel] = a @ off[sel]
     gray = p[:, 9] > 0.5
     if gray.any():
         m[gray] = luma @ m[gray]
-        o[gray] = (luma @ o[gray].unsqueeze(-1)).squeeze(-1)
-    return m.float(), o.float()
+        off[gray] = luma @ off[gray]
+    return m, off
 
 
 def _gaussian_blur(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
@@ -99,24 +107,30 @@ def _gaussian_blur(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
 
     Each pass is a weighted sum of shifted views (2r+1 fused multiply-adds over the image): on CPU
     this beats both a grouped convolution over the batch and per-image depthwise convolutions.
+    Images sharing a radius are blurred together, each with its own weights, so the Python cost
+    is per radius rather than per image (it dominated for small crops).
     """
     out = torch.empty_like(x)
     h, w = x.shape[-2:]
     limit = max(1, (min(h, w) - 1) // 2)
-    for i, s in enumerate(sigma.tolist()):
-        r = max(1, min(int(np.ceil(3 * s)), limit))
+    sig = sigma.double().cpu().numpy()
+    radius = np.clip(np.ceil(3 * sig).astype(np.int64), 1, limit)
+    for r in np.unique(radius).tolist():
+        sel = np.nonzero(radius == r)[0]
         t = np.arange(-r, r + 1, dtype=np.float64)
-        k = np.exp(-(t ** 2) / (2 * s * s))
-        k = (k / k.sum()).tolist()
-        z = F.pad(x[i:i + 1], (r, r, 0, 0), mode="reflect")[0]
-        row = z[..., 0:w] * k[0]
+        k = np.exp(-(t[None, :] ** 2) / (2 * sig[sel, None] ** 2))
+        k = torch.from_numpy(k / k.sum(axis=1, keepdims=True)).to(x.device, x.dtype)   # [n, 2r+1]
+        idx = torch.from_numpy(sel).to(x.device)
+        z = F.pad(x.index_select(0, idx), (r, r, 0, 0), mode="reflect")
+        kk = k.view(-1, 1, 1, 1, 2 * r + 1)
+        row = z[..., 0:w] * kk[..., 0]
         for j in range(1, 2 * r + 1):
-            row.add_(z[..., j:j + w], alpha=k[j])
-        z = F.pad(row.unsqueeze(0), (0, 0, r, r), mode="reflect")[0]
-        col = z[:, 0:h, :] * k[0]
+            row.addcmul_(z[..., j:j + w], kk[..., j])
+        z = F.pad(row, (0, 0, r, r), mode="reflect")
+        col = z[..., 0:h, :] * kk[..., 0]
         for j in range(1, 2 * r + 1):
-            col.add_(z[:, j:j + h, :], alpha=k[j])
-        out[i] = col
+            col.addcmul_(z[..., j:j + h, :], kk[..., j])
+        out.index_copy_(0, idx, col)
     return out
 
 
@@ -124,23 +138,45 @@ def _gaussian_blur(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
 def photometric(crops_u8: torch.Tensor, params: torch.Tensor, normalize: bool = True,
                 dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Augment a batch of uint8 crops [N,3,H,W] with per-crop params [N, N_PARAMS]; float output."""
-    n = crops_u8.shape[0]
+    n, _, h, w = crops_u8.shape
     params = params.to(torch.float32).cpu()
-    x = crops_u8.to(dtype)
-    mean_rgb = x.mean(dim=(2, 3)).double().cpu() / 255.0
-    m, o = colour_matrices(params, mean_rgb)
-    lo, hi = torch.zeros(3, 1), torch.ones(3, 1)
-    if normalize:
-        # Normalisation is per-channel affine: fold it into the colour map and the clamp bounds, and
-        # apply the (linear, per-channel) blur afterwards; same result, two passes fewer per crop.
-        mean, std = torch.tensor(MEAN).view(3, 1), torch.tensor(STD).view(3, 1)
-        m, o = m / std.view(1, 3, 1), (o - mean.view(1, 3)) / std.view(1, 3)
-        lo, hi = (lo - mean) / std, (hi - mean) / std
-    m, o = (m / 255.0).to(x.device, dtype), o.to(x.device, dtype)
-    y = torch.baddbmm(o.view(n, 3, 1), m, x.view(n, 3, -1))
-    x = y.clamp_(lo.to(x.device, dtype), hi.to(x.device, dtype)).view_as(x)
+    src = crops_u8.reshape(n, 3, h * w)
+    m, off = colour_maps(params)
+    mean, std = torch.tensor(MEAN, dtype=torch.float64), torch.tensor(STD, dtype=torch.float64)
+    if not normalize:
+        mean, std = torch.zeros_like(mean), torch.ones_like(std)
+    # Normalisation is per-channel affine: fold it into the map and the clamp bounds, and apply the
+    # (linear, per-channel) blur afterwards; same result, two passes fewer per crop. Inputs are 0-255.
+    m = m / (255.0 * std.view(1, 3, 1))
+    off = off / (255.0 * std.view(1, 3, 1))
+    shift = -mean / std
+    bounds = list(zip(((0 - mean) / std).tolist(), ((1 - mean) / std).tolist()))
+    if crops_u8.device.type == "cpu":
+        # Crop by crop, so each one is converted, averaged, mapped and clamped while it sits in cache:
+        # ~3x faster on CPU than batched conversion, mean and baddbmm (slow for 3x3 matrices).
+        m, off, shift = m.to(dtype), off.to(dtype), shift.to(dtype)
+        y = torch.empty(n, 3, h * w, dtype=dtype)
+        # Large crops are also blurred here, still in cache; small ones are blurred below, batched by
+        # radius, where the per-op overhead would otherwise dominate.
+        big, sigma = h * w >= 128 * 128, params[:, 10]
+        for i in range(n):
+            xi = src[i].to(dtype)
+            o = torch.addmv(shift, off[i], xi.mean(dim=1))
+            torch.addmm(o.view(3, 1), m[i], xi, out=y[i])
+            for ch, (a, b) in enumerate(bounds):
+                y[i, ch].clamp_(a, b)
+            if big and sigma[i] > 0:
+                y[i] = _gaussian_blur(y[i].view(1, 3, h, w), sigma[i:i + 1]).view(3, h * w)
+    else:
+        x = src.to(dtype)
+        mu = x.mean(dim=2).double().cpu()
+        o = ((off @ mu.unsqueeze(-1)).squeeze(-1) + shift).to(crops_u8.device, dtype)
+        y = torch.baddbmm(o.view(n, 3, 1), m.to(crops_u8.device, dtype), x)
+        for ch, (a, b) in enumerate(bounds):
+            y[:, ch].clamp_(a, b)
+    x = y.view(n, 3, h, w)
     idx = torch.nonzero(params[:, 10] > 0).flatten()
-    if idx.numel():
+    if idx.numel() and not (crops_u8.device.type == "cpu" and h * w >= 128 * 128):
         idx = idx.to(x.device)
         x[idx] = _gaussian_blur(x[idx], params[idx.cpu(), 10].to(x.device, dtype))
     return x

@@ -121,7 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
                                     "build shards, pretrain on 2 DeepSpeed ranks with a queue, stop midway, resume, "
                                     "evaluate, and write a report.")
     dm.add_argument("--out", default="demo-output", help="where everything goes (default demo-output)")
-    dm.add_argument("--steps", type=int, default=240, help="training steps (default 240)")
+    dm.add_argument("--steps", type=int, default=0, help="training steps (default: jobs/demo.yaml's train.steps)")
     dm.add_argument("--endpoint-url", default="", help="serve the bucket from this S3 endpoint instead of a folder")
     dm.add_argument("--fresh", action="store_true", help="delete previous demo output first")
     dm.set_defaults(func=_demo)

@@ -35,6 +35,7 @@ class CropsConfig:
     min_scale_crops: list[float] = field(default_factory=lambda: [0.14, 0.05])
     max_scale_crops: list[float] = field(default_factory=lambda: [1.0, 0.14])
     augment_on: str = "cpu"             # cpu | device: where colour jitter, blur and normalisation run
+    flip_prob: float = 0.5              # horizontal flips; 0 for data whose meaning is not mirror-symmetric (text, digits)
 
 
 @dataclass
@@ -237,6 +238,8 @@ def validate(cfg: Config) -> None:
         raise UserError(f"swav.crops_for_assign must index the {total} crops")
     if c.augment_on not in ("cpu", "device"):
         raise UserError("crops.augment_on must be 'cpu' or 'device'")
+    if not 0.0 <= c.flip_prob <= 1.0:
+        raise UserError(f"crops.flip_prob must be between 0 and 1, got {c.flip_prob}")
     if cfg.precision not in ("fp32", "bf16"):
         raise UserError("precision must be 'fp32' or 'bf16'")
     if cfg.deepspeed.zero_stage not in (0, 1, 2, 3):

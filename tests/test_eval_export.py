@@ -123,3 +123,22 @@ def test_report_writes_plots_and_a_summary(rn50_run, tmp_path):
     assert "| loss |" in (tmp_path / "rep" / "summary.md").read_text()
     r = swav_cli("report", str(tmp_path))
     assert r.returncode == 2 and "no metrics.jsonl" in r.stderr
+
+
+def test_random_init_baseline_is_the_trunk_a_run_starts_from():
+    """`--random-init --seed S` rebuilds exactly the trunk `pretrain` initialises with seed S (the demo's baseline)."""
+    from swav.config import load_config
+    from swav.engine import build_model
+    from swav.evaluate import load_trunk
+    from swav.train import _seed_everything
+
+    from conftest import REPO
+
+    cfg = load_config(str(REPO / "jobs" / "demo.yaml"))
+    _seed_everything(cfg.seed, rank=1)
+    start = build_model(cfg, on_gpu=False, world_size=2).trunk.state_dict()
+    trunk, _ = load_trunk("", cfg.model.arch, random_init=True, seed=cfg.seed)
+    assert start.keys() == trunk.state_dict().keys()
+    assert all(torch.equal(v, trunk.state_dict()[k]) for k, v in start.items())
+    other, _ = load_trunk("", cfg.model.arch, random_init=True, seed=cfg.seed + 1)
+    assert not torch.equal(other.state_dict()["conv1.weight"], start["conv1.weight"])

@@ -112,3 +112,49 @@ def test_hue_and_grayscale_and_blur(jpeg):
     blur = A.photometric(img, _params(blur=1.5), normalize=False)[0]
     plain = A.photometric(img, _params(), normalize=False)[0]
     assert blur.std() < plain.std() and torch.allclose(blur.mean(), plain.mean(), atol=0.01)
+
+
+def test_crop_geometry_follows_torchvision_random_resized_crop():
+    from torchvision.transforms import RandomResizedCrop
+
+    torch.manual_seed(0)
+    width, height, scale = 400, 300, (0.14, 1.0)
+    mc = MultiCrop([224], [1], [scale[0]], [scale[1]], seed=2)
+    ours = np.array([mc.sample_params(f"k{i}", 0, width, height)[0][0][:4] for i in range(4000)], np.float64)
+    img = torch.zeros(3, height, width)
+    ref = np.array([RandomResizedCrop.get_params(img, list(scale), [3 / 4, 4 / 3]) for _ in range(4000)], np.float64)
+    for boxes in (ours, ref):
+        assert (boxes[:, 0] >= 0).all() and (boxes[:, 0] + boxes[:, 2] <= height).all()
+        assert (boxes[:, 1] >= 0).all() and (boxes[:, 1] + boxes[:, 3] <= width).all()
+    area = lambda b: b[:, 2] * b[:, 3] / (width * height)  # noqa: E731
+    aspect = lambda b: np.log(b[:, 3] / b[:, 2])  # noqa: E731
+    assert area(ours).min() >= scale[0] * 0.97 and area(ours).max() <= 1.0
+    assert abs(area(ours).mean() - area(ref).mean()) < 0.02
+    assert abs(aspect(ours).mean() - aspect(ref).mean()) < 0.02
+    assert abs(aspect(ours).std() - aspect(ref).std()) < 0.02
+    centre = lambda b: (b[:, 1] + b[:, 3] / 2) / width  # noqa: E731
+    assert abs(centre(ours).mean() - 0.5) < 0.02 and abs(centre(ours).std() - centre(ref).std()) < 0.02
+
+
+def test_jpeg_and_lossless_inputs_give_the_same_crops(jpeg):
+    """JPEGs that need no DCT reduction take torchvision's decoder, others PIL: the crops must agree."""
+    png = io.BytesIO()
+    Image.open(io.BytesIO(jpeg)).save(png, format="PNG")
+    mc = MultiCrop([224, 96], [2, 2], [0.5, 0.05], [1.0, 0.14], seed=0)
+    for key in ("a", "b", "c"):
+        from_jpeg, pj = mc.crops_u8(jpeg, key, 0)
+        from_png, pp = mc.crops_u8(png.getvalue(), key, 0)
+        assert np.array_equal(pj, pp)
+        for x, y in zip(from_jpeg, from_png):
+            assert x.shape == y.shape and (x.float() - y.float()).abs().mean() < 1.5
+
+
+def test_batched_blur_matches_torchvision_per_crop(jpeg):
+    img = TF.pil_to_tensor(Image.open(io.BytesIO(jpeg)).convert("RGB"))
+    crops = torch.stack([TF.resized_crop(img, 10 * i, 20 * i, 120, 140, [48, 48]) for i in range(6)]).float() / 255
+    sigma = torch.tensor([0.1, 0.4, 0.7, 1.0, 1.0, 2.0])     # several radii, one shared by two crops
+    ours = A._gaussian_blur(crops, sigma)
+    for i, s in enumerate(sigma.tolist()):
+        r = max(1, int(np.ceil(3 * s)))
+        ref = TF.gaussian_blur(crops[i], [2 * r + 1, 2 * r + 1], [s, s])
+        assert torch.allclose(ours[i], ref, atol=1e-5), f"sigma {s}"
