@@ -136,8 +136,14 @@ def _gaussian_blur(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def photometric(crops_u8: torch.Tensor, params: torch.Tensor, normalize: bool = True,
-                dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """Augment a batch of uint8 crops [N,3,H,W] with per-crop params [N, N_PARAMS]; float output."""
+                dtype: torch.dtype = torch.float32, per_crop: bool | None = None) -> torch.Tensor:
+    """Augment a batch of uint8 crops [N,3,H,W] with per-crop params [N, N_PARAMS]; float output.
+
+    per_crop: crop-by-crop loops (fastest on CPU, the default there) or whole-batch ops (the default
+    on accelerators, where each op is a kernel launch).
+    """
+    if per_crop is None:
+        per_crop = crops_u8.device.type == "cpu"
     n, _, h, w = crops_u8.shape
     params = params.to(torch.float32).cpu()
     src = crops_u8.reshape(n, 3, h * w)
@@ -151,7 +157,7 @@ def photometric(crops_u8: torch.Tensor, params: torch.Tensor, normalize: bool = 
     off = off / (255.0 * std.view(1, 3, 1))
     shift = -mean / std
     bounds = list(zip(((0 - mean) / std).tolist(), ((1 - mean) / std).tolist()))
-    if crops_u8.device.type == "cpu":
+    if per_crop:
         # Crop by crop, so each one is converted, averaged, mapped and clamped while it sits in cache:
         # ~3x faster on CPU than batched conversion, mean and baddbmm (slow for 3x3 matrices).
         m, off, shift = m.to(dtype), off.to(dtype), shift.to(dtype)
@@ -176,7 +182,7 @@ def photometric(crops_u8: torch.Tensor, params: torch.Tensor, normalize: bool = 
             y[:, ch].clamp_(a, b)
     x = y.view(n, 3, h, w)
     idx = torch.nonzero(params[:, 10] > 0).flatten()
-    if idx.numel() and not (crops_u8.device.type == "cpu" and h * w >= 128 * 128):
+    if idx.numel() and not (per_crop and h * w >= 128 * 128):
         idx = idx.to(x.device)
         x[idx] = _gaussian_blur(x[idx], params[idx.cpu(), 10].to(x.device, dtype))
     return x

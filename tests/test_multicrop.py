@@ -158,3 +158,15 @@ def test_batched_blur_matches_torchvision_per_crop(jpeg):
         r = max(1, int(np.ceil(3 * s)))
         ref = TF.gaussian_blur(crops[i], [2 * r + 1, 2 * r + 1], [s, s])
         assert torch.allclose(ours[i], ref, atol=1e-5), f"sigma {s}"
+
+
+@pytest.mark.parametrize("size", [32, 160])
+def test_batched_path_for_accelerators_equals_the_per_crop_cpu_path(jpeg, size):
+    mc = MultiCrop([size], [4], [0.3], [1.0], seed=5)
+    items = [mc.crops_u8(jpeg, f"k{i}", 0) for i in range(8)]
+    batch = mc.collate(items, [], augment=False)
+    params = batch.params[0].clone()
+    params[::2, 10] = torch.linspace(0.3, 2.0, params[::2].shape[0])   # blur half of them
+    per_crop = A.photometric(batch.images[0], params, per_crop=True)
+    batched = A.photometric(batch.images[0], params, per_crop=False)
+    assert torch.allclose(per_crop, batched, atol=1e-5)
