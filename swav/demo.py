@@ -178,7 +178,7 @@ def _print_closing(s: dict, rows: list[dict]) -> None:
     print("What the numbers mean:")
     print(f"  loss {s['first_loss']:.3f} -> {s['last_loss']:.3f}; a uniform prediction over the {n_protos} prototypes "
           f"scores ln K = {k:.3f}.")
-    if s["last_loss"] - k < 0.02:
+    if s["last_loss"] > k - 0.02:
         print("  The loss has settled at ln K: the model predicts every prototype equally (SwAV's collapse to "
               "uniform predictions, common on tiny data and short runs; see README, 'The demo').")
     else:
