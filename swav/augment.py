@@ -163,17 +163,15 @@ def photometric(crops_u8: torch.Tensor, params: torch.Tensor, normalize: bool = 
         # Crop by crop, so each one is converted, averaged, mapped and clamped while it sits in cache:
         # ~3x faster on CPU than batched conversion, mean and baddbmm (slow for 3x3 matrices).
         m, off, shift = m.to(dtype), off.to(dtype), shift.to(dtype)
-        y = torch.empty(n, 3, h * w, dtype=dtype)
-        # Large crops are also blurred here, still in cache; small ones are blurred below, batched by
-        # radius, where the per-op overhead would otherwise dominate.
-        big, sigma = h * w >= _PER_CROP_MIN_PIXELS, params[:, 10]
+        y = torch.empty(n, 3, h * w, dtype=dtype, device=crops_u8.device)
+        sigma = params[:, 10]
         for i in range(n):
             xi = src[i].to(dtype)
             o = torch.addmv(shift, off[i], xi.mean(dim=1))
             torch.addmm(o.view(3, 1), m[i], xi, out=y[i])
             for ch, (a, b) in enumerate(bounds):
                 y[i, ch].clamp_(a, b)
-            if big and sigma[i] > 0:
+            if sigma[i] > 0:   # blurred here too, while still in cache
                 y[i] = _gaussian_blur(y[i].view(1, 3, h, w), sigma[i:i + 1]).view(3, h * w)
     else:
         x = src.to(dtype)
@@ -184,7 +182,7 @@ def photometric(crops_u8: torch.Tensor, params: torch.Tensor, normalize: bool = 
             y[:, ch].clamp_(a, b)
     x = y.view(n, 3, h, w)
     idx = torch.nonzero(params[:, 10] > 0).flatten()
-    if idx.numel() and not (per_crop and h * w >= _PER_CROP_MIN_PIXELS):
+    if idx.numel() and not per_crop:   # batched by radius (see _gaussian_blur)
         idx = idx.to(x.device)
         x[idx] = _gaussian_blur(x[idx], params[idx.cpu(), 10].to(x.device, dtype))
     return x
