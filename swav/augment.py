@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -21,12 +22,16 @@ STD = (0.228, 0.224, 0.225)
 JITTER = (0.8, 0.8, 0.8, 0.2)      # brightness, contrast, saturation, hue
 P_JITTER, P_GRAY, P_BLUR, P_FLIP = 0.8, 0.2, 0.5, 0.5
 BLUR_SIGMA = (0.1, 2.0)
-_PER_CROP_MIN_PIXELS = 128 * 128   # measured on CPU: per-crop wins at 224 px, batched wins at 96 px
-N_PARAMS = 11   # jitter flag, 4 factors, 4 order slots, gray flag, blur sigma (0 = no blur)
+# Crops are small and a data-loader worker is one core: OpenCV's own thread pool would only add
+# hand-offs and oversubscribe the workers.
+cv2.setNumThreads(1)
+N_PARAMS = 12   # jitter flag, 4 factors, 4 order slots, gray flag, blur sigma (0 = no blur), flip flag
+FLIP = 11
 
 
 def sample_photometric(rng: np.random.Generator, n: int | None = None) -> np.ndarray:
     """Photometric parameters of one crop [N_PARAMS], or of n crops [n, N_PARAMS], as float32.
+    The flip flag is left 0: MultiCrop draws it with the crop geometry.
 
     Drawn as a few arrays rather than per value: per-call overhead of the generator
     dominated the CPU cost of small crops.
@@ -34,7 +39,7 @@ def sample_photometric(rng: np.random.Generator, n: int | None = None) -> np.nda
     b, c, s, h = JITTER
     m = 1 if n is None else n
     u = rng.random((m, 7))
-    out = np.empty((m, N_PARAMS), np.float32)
+    out = np.zeros((m, N_PARAMS), np.float32)
     out[:, 0] = u[:, 0] < P_JITTER
     for col, (lo, hi) in enumerate(((max(0.0, 1 - b), 1 + b), (max(0.0, 1 - c), 1 + c),
                                     (max(0.0, 1 - s), 1 + s), (-h, h)), start=1):
@@ -106,21 +111,17 @@ def colour_maps(params: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def _gaussian_blur(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
     """Separable Gaussian blur, each image with its own sigma (radius 3 sigma, reflected borders).
 
-    Each pass is a weighted sum of shifted views (2r+1 fused multiply-adds over the image): on CPU
-    this beats both a grouped convolution over the batch and per-image depthwise convolutions.
-    Images sharing a radius are blurred together, each with its own weights, so the Python cost
-    is per radius rather than per image (it dominated for small crops).
+    The tensor path's blur (see _blur_kernels for the taps). Each pass is a weighted sum of shifted
+    views, 2r+1 fused multiply-adds over the image; images sharing a radius are blurred together,
+    each with its own weights, so the Python cost is per radius rather than per image.
     """
     out = torch.empty_like(x)
     h, w = x.shape[-2:]
-    limit = max(1, (min(h, w) - 1) // 2)
-    sig = sigma.double().cpu().numpy()
-    radius = np.clip(np.ceil(3 * sig).astype(np.int64), 1, limit)
+    taps = _blur_kernels(sigma.double().cpu().numpy(), h, w)
+    radius = np.array([len(k) // 2 for k in taps])
     for r in np.unique(radius).tolist():
         sel = np.nonzero(radius == r)[0]
-        t = np.arange(-r, r + 1, dtype=np.float64)
-        k = np.exp(-(t[None, :] ** 2) / (2 * sig[sel, None] ** 2))
-        k = torch.from_numpy(k / k.sum(axis=1, keepdims=True)).to(x.device, x.dtype)   # [n, 2r+1]
+        k = torch.from_numpy(np.stack([taps[i] for i in sel])).to(x.device, x.dtype)   # [n, 2r+1]
         idx = torch.from_numpy(sel).to(x.device)
         z = F.pad(x.index_select(0, idx), (r, r, 0, 0), mode="reflect")
         kk = k.view(-1, 1, 1, 1, 2 * r + 1)
@@ -135,56 +136,101 @@ def _gaussian_blur(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
     return out
 
 
-@torch.no_grad()
-def photometric(crops_u8: torch.Tensor, params: torch.Tensor, normalize: bool = True,
-                dtype: torch.dtype = torch.float32, per_crop: bool | None = None) -> torch.Tensor:
-    """Augment a batch of uint8 crops [N,3,H,W] with per-crop params [N, N_PARAMS]; float output.
+def _blur_kernels(sigma: np.ndarray, h: int, w: int) -> list[np.ndarray]:
+    """Normalised 1-D Gaussian taps per sigma: radius 3 sigma, capped so a reflected border still fits."""
+    limit = max(1, (min(h, w) - 1) // 2)
+    radius = np.clip(np.ceil(3 * sigma).astype(np.int64), 1, limit)
+    out = []
+    for s, r in zip(sigma.tolist(), radius.tolist()):
+        t = np.arange(-r, r + 1, dtype=np.float64)
+        k = np.exp(-(t ** 2) / (2 * s * s))
+        out.append(k / k.sum())
+    return out
 
-    per_crop: crop-by-crop loops or whole-batch ops. The default is per crop for large crops on CPU,
-    where a crop then stays in cache through every op; batched for small crops on CPU, where the
-    per-op overhead of a loop would dominate; and batched on accelerators, where each op is a launch.
-    """
-    n, _, h, w = crops_u8.shape
-    if per_crop is None:
-        per_crop = crops_u8.device.type == "cpu" and h * w >= _PER_CROP_MIN_PIXELS
-    params = params.to(torch.float32).cpu()
-    src = crops_u8.reshape(n, 3, h * w)
-    m, off = colour_maps(params)
+
+def _normalisation(normalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
     mean, std = torch.tensor(MEAN, dtype=torch.float64), torch.tensor(STD, dtype=torch.float64)
     if not normalize:
         mean, std = torch.zeros_like(mean), torch.ones_like(std)
+    return mean, std
+
+
+def _photometric_opencv(crops_u8: torch.Tensor, params: torch.Tensor, normalize: bool,
+                        dtype: torch.dtype) -> torch.Tensor:
+    """The CPU path: crop by crop on uint8 HWC images with OpenCV's SIMD kernels, then one batched
+    conversion to normalised float. Like the reference's PIL pipeline it rounds to uint8 after the
+    colour map and after the blur; the tensor path keeps float throughout (same distribution)."""
+    n, _, h, w = crops_u8.shape
+    src = crops_u8.permute(0, 2, 3, 1).contiguous().numpy()     # no copy when already channels-last
+    buf = np.empty_like(src)
+    m, off = colour_maps(params)
+    m, off = m.numpy(), off.numpy()
+    identity = (np.abs(m - np.eye(3)).reshape(n, -1).max(1) == 0) & (np.abs(off).reshape(n, -1).max(1) == 0)
+    sigma = params[:, 10].double().numpy()
+    blurred = np.nonzero(sigma > 0)[0]
+    kernels = dict(zip(blurred.tolist(), _blur_kernels(sigma[blurred], h, w)))
+    affine = np.empty((3, 4), np.float32)
+    flips = params[:, FLIP].numpy() > 0.5
+    for i in range(n):
+        x = cv2.flip(src[i], 1) if flips[i] else src[i]
+        if not identity[i]:
+            # the contrast offset needs the crop's mean colour; saturation clamps to 0..255 in the same pass
+            affine[:, :3] = m[i]
+            affine[:, 3] = off[i] @ np.asarray(cv2.mean(x)[:3])
+            x = cv2.transform(x, affine, dst=buf[i] if i not in kernels else None)
+        if i in kernels:
+            k = kernels[i]
+            cv2.sepFilter2D(x, -1, k, k, dst=buf[i], borderType=cv2.BORDER_REFLECT_101)
+        elif identity[i]:
+            buf[i] = x
+    mean, std = _normalisation(normalize)
+    out = torch.empty(n, 3, h, w, dtype=torch.float32)
+    out.copy_(torch.from_numpy(buf).permute(0, 3, 1, 2))
+    out.mul_((1 / (255 * std)).float().view(1, 3, 1, 1)).add_((-mean / std).float().view(1, 3, 1, 1))
+    return out if dtype == torch.float32 else out.to(dtype)
+
+
+@torch.no_grad()
+def photometric(crops_u8: torch.Tensor, params: torch.Tensor, normalize: bool = True,
+                dtype: torch.dtype = torch.float32, method: str | None = None) -> torch.Tensor:
+    """Augment a batch of uint8 crops [N,3,H,W] with per-crop params [N, N_PARAMS]: colour jitter,
+    grayscale, blur, horizontal flip and normalisation; float output.
+
+    method: "opencv" (crop by crop with OpenCV, CPU only; the default there: ~4x faster than tensor
+    ops, which on a CPU pay a full memory pass per op) or "tensor" (a few whole-batch ops; the default
+    on accelerators, where each op is one launch).
+    """
+    if method is None:
+        method = "opencv" if crops_u8.device.type == "cpu" else "tensor"
+    if method not in ("opencv", "tensor"):
+        raise ValueError(f"method must be 'opencv' or 'tensor', got {method!r}")
+    params = params.to(torch.float32).cpu()
+    if method == "opencv":
+        if crops_u8.device.type != "cpu":
+            raise ValueError("method='opencv' needs crops in CPU memory")
+        return _photometric_opencv(crops_u8, params, normalize, dtype)
+    n, _, h, w = crops_u8.shape
+    x = crops_u8.reshape(n, 3, h * w).to(dtype)
+    m, off = colour_maps(params)
+    mean, std = _normalisation(normalize)
     # Normalisation is per-channel affine: fold it into the map and the clamp bounds, and apply the
-    # (linear, per-channel) blur afterwards; same result, two passes fewer per crop. Inputs are 0-255.
+    # (linear, per-channel) blur afterwards; same result, two passes fewer. Inputs are 0-255.
     m = m / (255.0 * std.view(1, 3, 1))
     off = off / (255.0 * std.view(1, 3, 1))
-    shift = -mean / std
-    bounds = list(zip(((0 - mean) / std).tolist(), ((1 - mean) / std).tolist()))
-    if per_crop:
-        # Crop by crop, so each one is converted, averaged, mapped and clamped while it sits in cache:
-        # ~3x faster on CPU than batched conversion, mean and baddbmm (slow for 3x3 matrices).
-        m, off, shift = m.to(dtype), off.to(dtype), shift.to(dtype)
-        y = torch.empty(n, 3, h * w, dtype=dtype, device=crops_u8.device)
-        sigma = params[:, 10]
-        for i in range(n):
-            xi = src[i].to(dtype)
-            o = torch.addmv(shift, off[i], xi.mean(dim=1))
-            torch.addmm(o.view(3, 1), m[i], xi, out=y[i])
-            for ch, (a, b) in enumerate(bounds):
-                y[i, ch].clamp_(a, b)
-            if sigma[i] > 0:   # blurred here too, while still in cache
-                y[i] = _gaussian_blur(y[i].view(1, 3, h, w), sigma[i:i + 1]).view(3, h * w)
-    else:
-        x = src.to(dtype)
-        mu = x.mean(dim=2).double().cpu()
-        o = ((off @ mu.unsqueeze(-1)).squeeze(-1) + shift).to(crops_u8.device, dtype)
-        y = torch.baddbmm(o.view(n, 3, 1), m.to(crops_u8.device, dtype), x)
-        for ch, (a, b) in enumerate(bounds):
-            y[:, ch].clamp_(a, b)
+    mu = x.mean(dim=2).double().cpu()
+    o = ((off @ mu.unsqueeze(-1)).squeeze(-1) - mean / std).to(crops_u8.device, dtype)
+    y = torch.baddbmm(o.view(n, 3, 1), m.to(crops_u8.device, dtype), x)
+    for ch, (a, b) in enumerate(zip(((0 - mean) / std).tolist(), ((1 - mean) / std).tolist())):
+        y[:, ch].clamp_(a, b)
     x = y.view(n, 3, h, w)
     idx = torch.nonzero(params[:, 10] > 0).flatten()
-    if idx.numel() and not per_crop:   # batched by radius (see _gaussian_blur)
+    if idx.numel():
         idx = idx.to(x.device)
         x[idx] = _gaussian_blur(x[idx], params[idx.cpu(), 10].to(x.device, dtype))
+    idx = torch.nonzero(params[:, FLIP] > 0.5).flatten()
+    if idx.numel():
+        idx = idx.to(x.device)
+        x[idx] = x[idx].flip(-1)
     return x
 
 

@@ -18,7 +18,7 @@ from torchdata.stateful_dataloader import StatefulDataLoader
 from shards.index import load_index
 from shards.stream import ShardStream
 from swav.augment import CropBatch
-from swav.multicrop import MultiCrop
+from swav.multicrop import CropBatcher, MultiCrop
 
 log = logging.getLogger(__name__)
 
@@ -34,16 +34,15 @@ class _Batches:
         return self
 
     def __next__(self) -> CropBatch:
-        items, keys = [], []
-        while len(items) < self.batch_size:
+        batch = CropBatcher(self.mc, self.batch_size)
+        while not batch.full:
             s = next(self.stream)
             try:
-                items.append(self.mc.crops_u8(s["jpg"], s["__key__"], s["__pass__"]))
-                keys.append(s["__key__"])
+                batch.add(s["jpg"], s["__key__"], s["__pass__"])
             except Exception as e:  # noqa: BLE001 - one undecodable sample must not stop training
                 self.bad_samples += 1
                 log.warning("skipping undecodable sample %s (%s); %d so far", s["__key__"], e, self.bad_samples)
-        return self.mc.collate(items, keys, self.augment)
+        return batch.finish(self.augment)
 
     def state_dict(self) -> dict:
         return {"stream": self.stream.state_dict(), "bad_samples": self.bad_samples}

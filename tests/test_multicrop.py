@@ -51,12 +51,66 @@ def test_batches_group_crops_by_resolution_crop_major(jpeg):
     assert torch.equal(batch.images[1][5], items[1][0][3])
 
 
+_LEVEL = 1 / 255 / min(A.STD)   # one uint8 step, after normalisation
+
+
+def _agree(cpu: torch.Tensor, tensor: torch.Tensor) -> None:
+    """The CPU (OpenCV, uint8 like the reference) and tensor (float) paths: same views up to rounding."""
+    d = (cpu - tensor).abs()
+    assert d.max() <= 2 * _LEVEL and d.mean() < 0.3 * _LEVEL, (float(d.max()), float(d.mean()))
+
+
 def test_device_mode_equals_the_cpu_path_given_the_same_parameters(jpeg):
     mc = MultiCrop([32, 16], [2, 2], [0.3, 0.1], [1.0, 0.3], seed=0)
     items = [mc.crops_u8(jpeg, f"k{i}", 0) for i in range(6)]
     cpu = mc.collate(items, [], augment=True).augment()
-    device = mc.collate(items, [], augment=False).augment(device="cpu")
-    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(cpu, device))
+    batch = mc.collate(items, [], augment=False)
+    assert any(bool((p[:, A.FLIP] > 0).any()) for p in batch.params) and any(
+        bool((p[:, 10] > 0).any()) for p in batch.params), "the sample exercises flips and blur"
+    # what augment_on: device runs on the accelerator: the tensor path
+    device = [A.photometric(im, p, method="tensor") for im, p in zip(batch.images, batch.params)]
+    for a, b in zip(cpu, device):
+        _agree(a, b)
+
+
+def test_batcher_writes_what_collate_would_build_and_survives_a_bad_sample(jpeg):
+    from swav.multicrop import CropBatcher
+
+    mc = MultiCrop([32, 16], [2, 3], [0.3, 0.1], [1.0, 0.3], seed=0)
+    keys = [f"k{i}" for i in range(4)]
+    b = CropBatcher(mc, 4)
+    for i, k in enumerate(keys):
+        b.add(jpeg, k, 0)
+        if i == 1:
+            with pytest.raises(Exception):
+                b.add(b"<html>not an image</html>", "bad", 0)
+    assert b.full
+    got = b.finish(augment=False)
+    want = mc.collate([mc.crops_u8(jpeg, k, 0) for k in keys], keys, augment=False)
+    assert got.keys == keys
+    for x, y, px, py in zip(got.images, want.images, got.params, want.params):
+        assert torch.equal(x, y) and torch.equal(px, py)
+    short = CropBatcher(mc, 4)
+    short.add(jpeg, "k0", 0)
+    part = short.finish(augment=True)
+    assert [tuple(x.shape) for x in part.images] == [(2, 3, 32, 32), (3, 3, 16, 16)]
+
+
+@pytest.mark.parametrize("method", ["opencv", "tensor"])
+def test_flip_is_applied_with_the_photometric_ops(jpeg, method):
+    mc = MultiCrop([48], [6], [0.3], [1.0], seed=1)
+    crops, p = mc.crops_u8(jpeg, "k", 0)
+    params = torch.from_numpy(p)
+    params[:, 10] = torch.linspace(0, 2.0, 6)   # blur too: it must commute with the flip
+    flipped = params.clone()
+    flipped[:, A.FLIP] = 1
+    plain = params.clone()
+    plain[:, A.FLIP] = 0
+    x = torch.stack(crops)
+    assert torch.allclose(A.photometric(x, flipped, method=method), A.photometric(x, plain, method=method).flip(-1),
+                          atol=1e-5)
+    assert torch.allclose(A.photometric(x.flip(-1), plain, method=method),
+                          A.photometric(x, flipped, method=method), atol=_LEVEL * 1.01)
 
 
 def test_photometric_parameter_distributions_follow_the_recipe():
@@ -137,7 +191,7 @@ def test_crop_geometry_follows_torchvision_random_resized_crop():
 
 
 def test_jpeg_and_lossless_inputs_give_the_same_crops(jpeg):
-    """JPEGs that need no DCT reduction take torchvision's decoder, others PIL: the crops must agree."""
+    """JPEGs take libjpeg-turbo (simplejpeg), other formats Pillow: the crops must agree."""
     png = io.BytesIO()
     Image.open(io.BytesIO(jpeg)).save(png, format="PNG")
     mc = MultiCrop([224, 96], [2, 2], [0.5, 0.05], [1.0, 0.14], seed=0)
@@ -161,12 +215,12 @@ def test_batched_blur_matches_torchvision_per_crop(jpeg):
 
 
 @pytest.mark.parametrize("size", [32, 160])
-def test_batched_path_for_accelerators_equals_the_per_crop_cpu_path(jpeg, size):
+def test_tensor_path_for_accelerators_equals_the_opencv_cpu_path(jpeg, size):
     mc = MultiCrop([size], [4], [0.3], [1.0], seed=5)
     items = [mc.crops_u8(jpeg, f"k{i}", 0) for i in range(8)]
     batch = mc.collate(items, [], augment=False)
     params = batch.params[0].clone()
     params[::2, 10] = torch.linspace(0.3, 2.0, params[::2].shape[0])   # blur half of them
-    per_crop = A.photometric(batch.images[0], params, per_crop=True)
-    batched = A.photometric(batch.images[0], params, per_crop=False)
-    assert torch.allclose(per_crop, batched, atol=1e-5)
+    _agree(A.photometric(batch.images[0], params, method="opencv"), A.photometric(batch.images[0], params, method="tensor"))
+    with pytest.raises(ValueError, match="method"):
+        A.photometric(batch.images[0], params, method="pil")
