@@ -29,7 +29,8 @@ N_PARAMS = 12   # jitter flag, 4 factors, 4 order slots, gray flag, blur sigma (
 FLIP = 11
 
 
-def sample_photometric(rng: np.random.Generator, n: int | None = None) -> np.ndarray:
+def sample_photometric(rng: np.random.Generator, n: int | None = None, blur_prob: float = P_BLUR,
+                       blur_sigma: tuple[float, float] = BLUR_SIGMA) -> np.ndarray:
     """Photometric parameters of one crop [N_PARAMS], or of n crops [n, N_PARAMS], as float32.
     The flip flag is left 0: MultiCrop draws it with the crop geometry.
 
@@ -46,8 +47,8 @@ def sample_photometric(rng: np.random.Generator, n: int | None = None) -> np.nda
         out[:, col] = lo + (hi - lo) * u[:, col]
     out[:, 5:9] = np.argsort(rng.random((m, 4)), axis=1)   # a uniformly random order of the four ops
     out[:, 9] = u[:, 5] < P_GRAY
-    sigma = BLUR_SIGMA[0] + (BLUR_SIGMA[1] - BLUR_SIGMA[0]) * rng.random(m)
-    out[:, 10] = np.where(u[:, 6] < P_BLUR, sigma, 0.0)
+    sigma = blur_sigma[0] + (blur_sigma[1] - blur_sigma[0]) * rng.random(m)
+    out[:, 10] = np.where(u[:, 6] < blur_prob, sigma, 0.0)
     return out[0] if n is None else out
 
 

@@ -34,8 +34,10 @@ class CropsConfig:
     num_crops: list[int] = field(default_factory=lambda: [2, 6])
     min_scale_crops: list[float] = field(default_factory=lambda: [0.14, 0.05])
     max_scale_crops: list[float] = field(default_factory=lambda: [1.0, 0.14])
-    augment_on: str = "cpu"             # cpu | device: where colour jitter, blur and normalisation run
+    augment_on: str = "cpu"             # cpu | device: where colour jitter, blur, flips and normalisation run
     flip_prob: float = 0.5              # horizontal flips; 0 for data whose meaning is not mirror-symmetric (text, digits)
+    blur_prob: float = 0.5              # Gaussian blur, sigma uniform in blur_sigma (pixels of the output crop)
+    blur_sigma: list[float] = field(default_factory=lambda: [0.1, 2.0])
 
 
 @dataclass
@@ -238,8 +240,11 @@ def validate(cfg: Config) -> None:
         raise UserError(f"swav.crops_for_assign must index the {total} crops")
     if c.augment_on not in ("cpu", "device"):
         raise UserError("crops.augment_on must be 'cpu' or 'device'")
-    if not 0.0 <= c.flip_prob <= 1.0:
-        raise UserError(f"crops.flip_prob must be between 0 and 1, got {c.flip_prob}")
+    for name in ("flip_prob", "blur_prob"):
+        if not 0.0 <= getattr(c, name) <= 1.0:
+            raise UserError(f"crops.{name} must be between 0 and 1, got {getattr(c, name)}")
+    if len(c.blur_sigma) != 2 or not 0.0 < c.blur_sigma[0] <= c.blur_sigma[1]:
+        raise UserError(f"crops.blur_sigma must be [low, high] with 0 < low <= high, got {c.blur_sigma}")
     if cfg.precision not in ("fp32", "bf16"):
         raise UserError("precision must be 'fp32' or 'bf16'")
     if cfg.deepspeed.zero_stage not in (0, 1, 2, 3):

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 import simplejpeg
 
 from shards.stream import key_hash
-from swav.augment import FLIP, N_PARAMS, P_FLIP, CropBatch, photometric, sample_photometric
+from swav.augment import BLUR_SIGMA, FLIP, N_PARAMS, P_BLUR, P_FLIP, CropBatch, photometric, sample_photometric
 
 _RATIO = (3 / 4, 4 / 3)
 _RESIZE_OUT = getattr(getattr(torch.ops.aten, "_upsample_bilinear2d_aa", None), "out", None)
@@ -98,7 +98,8 @@ class MultiCrop:
 
     def __init__(self, size_crops: Sequence[int] = (224, 96), num_crops: Sequence[int] = (2, 6),
                  min_scale_crops: Sequence[float] = (0.14, 0.05), max_scale_crops: Sequence[float] = (1.0, 0.14),
-                 seed: int = 0, flip_prob: float = P_FLIP):
+                 seed: int = 0, flip_prob: float = P_FLIP, blur_prob: float = P_BLUR,
+                 blur_sigma: Sequence[float] = BLUR_SIGMA):
         if not (len(size_crops) == len(num_crops) == len(min_scale_crops) == len(max_scale_crops)):
             raise ValueError("size_crops, num_crops, min_scale_crops and max_scale_crops must have equal lengths")
         self.size_crops, self.num_crops = list(size_crops), list(num_crops)
@@ -107,6 +108,11 @@ class MultiCrop:
         if not 0.0 <= flip_prob <= 1.0:
             raise ValueError(f"flip_prob must be in [0, 1], got {flip_prob}")
         self.flip_prob = flip_prob
+        if not 0.0 <= blur_prob <= 1.0:
+            raise ValueError(f"blur_prob must be in [0, 1], got {blur_prob}")
+        if len(blur_sigma) != 2 or not 0.0 < blur_sigma[0] <= blur_sigma[1]:
+            raise ValueError(f"blur_sigma must be [low, high] with 0 < low <= high, got {list(blur_sigma)}")
+        self.blur_prob, self.blur_sigma = blur_prob, (float(blur_sigma[0]), float(blur_sigma[1]))
         # (size, scale range) of every crop, in config order
         self.plan = [(s, sc) for s, n, sc in zip(self.size_crops, self.num_crops, self.scales) for _ in range(n)]
         self._scales = np.array([sc for _, sc in self.plan], np.float64).reshape(-1, 2)
@@ -114,7 +120,7 @@ class MultiCrop:
     @classmethod
     def from_config(cls, crops, seed: int) -> "MultiCrop":
         return cls(crops.size_crops, crops.num_crops, crops.min_scale_crops, crops.max_scale_crops, seed,
-                   crops.flip_prob)
+                   crops.flip_prob, crops.blur_prob, crops.blur_sigma)
 
     @property
     def total_crops(self) -> int:
@@ -129,7 +135,7 @@ class MultiCrop:
         rng = crop_rng(self.seed, key, pass_index)
         boxes = random_resized_boxes(rng, width, height, self._scales)
         flips = rng.random(len(boxes)) < self.flip_prob
-        photo = sample_photometric(rng, len(boxes))
+        photo = sample_photometric(rng, len(boxes), self.blur_prob, self.blur_sigma)
         photo[:, FLIP] = flips
         return [(int(t), int(l), int(h), int(w), bool(f)) for (t, l, h, w), f in zip(boxes.tolist(), flips)], photo
 

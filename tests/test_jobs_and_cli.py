@@ -60,6 +60,8 @@ def test_override_errors_are_one_line_and_name_the_key():
     for override, words in (("model.archh=resnet50", "unknown config key 'model.archh'"),
                             ("train.batch_size=big", "'train.batch_size' expects an integer"),
                             ("precision=fp8", "precision must be"),
+                            ("crops.blur_prob=1.5", "crops.blur_prob must be between 0 and 1"),
+                            ("crops.blur_sigma=[2,1]", "crops.blur_sigma must be [low, high]"),
                             ("model=3", "'model' is a section")):
         r = swav_cli("pretrain", "jobs/tiny.yaml", override, "--dry-run")
         assert r.returncode == 2, override

@@ -129,6 +129,13 @@ def test_photometric_parameter_distributions_follow_the_recipe():
     mc = MultiCrop(seed=1)
     flips = [box[4] for i in range(500) for box in mc.sample_params(f"k{i}", 0, 400, 300)[0]]
     assert abs(np.mean(flips) - 0.5) < 0.03
+    # blur is configurable (its sigma is in output pixels, so small views want a smaller range)
+    small = np.concatenate([MultiCrop(blur_prob=0.25, blur_sigma=(0.05, 0.5)).sample_params(f"k{i}", 0, 400, 300)[1]
+                            for i in range(500)])
+    assert abs((small[:, 10] > 0).mean() - 0.25) < 0.03 and small[:, 10].max() <= 0.5
+    assert (MultiCrop(blur_prob=0.0).sample_params("k", 0, 400, 300)[1][:, 10] == 0).all()
+    with pytest.raises(ValueError, match="blur_sigma"):
+        MultiCrop(blur_sigma=(0.0, 1.0))
 
 
 def _params(**kw) -> torch.Tensor:
