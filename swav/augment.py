@@ -211,7 +211,8 @@ def photometric(crops_u8: torch.Tensor, params: torch.Tensor, normalize: bool = 
             raise ValueError("method='opencv' needs crops in CPU memory")
         return _photometric_opencv(crops_u8, params, normalize, dtype)
     n, _, h, w = crops_u8.shape
-    x = crops_u8.reshape(n, 3, h * w).to(dtype)
+    # one pass for both the dtype and the layout (crops arrive channels-last)
+    x = crops_u8.to(dtype, memory_format=torch.contiguous_format).view(n, 3, h * w)
     m, off = colour_maps(params)
     mean, std = _normalisation(normalize)
     # Normalisation is per-channel affine: fold it into the map and the clamp bounds, and apply the

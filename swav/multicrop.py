@@ -39,11 +39,6 @@ def _resize(region: torch.Tensor, size: int, out: torch.Tensor | None) -> torch.
     return out
 
 
-def _stack(crops: list[torch.Tensor]) -> torch.Tensor:
-    """[N,3,S,S] uint8 kept channels-last in memory: what the crops already are, what OpenCV reads."""
-    return torch.stack([c.permute(1, 2, 0) for c in crops]).permute(0, 3, 1, 2)
-
-
 def _jpeg_size(data: bytes) -> tuple[int, int] | None:
     """(width, height) of a JPEG libjpeg-turbo can decode to RGB, else None (Pillow's turn)."""
     if data[:2] != b"\xff\xd8":
@@ -139,12 +134,12 @@ class MultiCrop:
         photo[:, FLIP] = flips
         return [(int(t), int(l), int(h), int(w), bool(f)) for (t, l, h, w), f in zip(boxes.tolist(), flips)], photo
 
-    def _decode(self, data: bytes, boxes: list, width: int, height: int, jpeg: bool) -> torch.Tensor:
+    def _decode(self, data: bytes, boxes: list, width: int, height: int, img: Image.Image | None) -> torch.Tensor:
         """The image as uint8 [h,w,3], at the smallest size every crop allows."""
         # Reduction that keeps every crop at or above its output size; JPEGs shrink in the DCT
         # (libjpeg-turbo scales by n/8), which makes both the decode and the resizes cheaper.
         room = min(min(h, w) / s for (_, _, h, w, _), (s, _) in zip(boxes, self.plan))
-        if jpeg:
+        if img is None:   # a JPEG libjpeg-turbo reads (see _jpeg_size)
             try:
                 if room >= 8 / 7:   # else no eighths-scale fits: a full decode, skipping the scale search
                     arr = simplejpeg.decode_jpeg(data, "RGB", min_width=math.ceil(width / room),
@@ -153,8 +148,7 @@ class MultiCrop:
                     arr = simplejpeg.decode_jpeg(data, "RGB")
                 return torch.from_numpy(arr)
             except ValueError:
-                pass   # what libjpeg-turbo refuses (e.g. CMYK), Pillow may still read
-        img = Image.open(io.BytesIO(data))
+                img = Image.open(io.BytesIO(data))   # what libjpeg-turbo refuses, Pillow may still read
         factor = 1
         while factor < 8 and room >= factor * 2:
             factor *= 2
@@ -169,10 +163,10 @@ class MultiCrop:
         out: a destination per crop (e.g. its slot in a batch tensor), resized into directly.
         """
         size = _jpeg_size(data)
-        jpeg = size is not None
-        width, height = size if jpeg else Image.open(io.BytesIO(data)).size
+        img = None if size is not None else Image.open(io.BytesIO(data))   # opened once, decoded in _decode
+        width, height = size if img is None else img.size
         boxes, photo = self.sample_params(key, pass_index, width, height)
-        hwc = self._decode(data, boxes, width, height, jpeg)
+        hwc = self._decode(data, boxes, width, height, img)
         sy, sx = hwc.shape[0] / height, hwc.shape[1] / width
         # [1,3,H,W] with proper channels-last strides (batch dim first, then permuted): torch's fast
         # uint8 resize path, and channels-last crops out. Unsqueezing a [3,H,W] permute instead gives
@@ -186,27 +180,18 @@ class MultiCrop:
         return crops, photo
 
     def __call__(self, data: bytes, key: str = "", pass_index: int = 0) -> list[torch.Tensor]:
-        crops, photo = self.crops_u8(data, key, pass_index)
-        out: list[torch.Tensor] = [None] * len(crops)  # type: ignore[list-item]
-        for size in dict.fromkeys(self.size_crops):
-            idx = [i for i, (s, _) in enumerate(self.plan) if s == size]
-            aug = photometric(_stack([crops[i] for i in idx]), torch.from_numpy(photo[idx]))
-            for j, i in enumerate(idx):
-                out[i] = aug[j]
-        return out
+        batch = CropBatcher(self, 1)
+        batch.add(data, key, pass_index)
+        # a batch of one, crop-major per config entry: the groups in turn are the crops in config order
+        return [crop for group in batch.finish(augment=True).images for crop in group]
 
     def collate(self, items: list[tuple[list[torch.Tensor], np.ndarray]], keys: list[str],
                 augment: bool) -> CropBatch:
-        """Group a batch's crops by resolution, crop-major, optionally augmenting them here."""
-        images, params = [], []
-        start = 0
-        for n in self.num_crops:
-            imgs = _stack([crops[ci] for ci in range(start, start + n) for crops, _ in items])
-            prm = torch.from_numpy(np.stack([p[ci] for ci in range(start, start + n) for _, p in items]))
-            images.append(photometric(imgs, prm) if augment else imgs)
-            params.append(prm)
-            start += n
-        return CropBatch(images=images, params=params, keys=keys, augmented=augment)
+        """Group crops_u8 outputs by resolution, crop-major, optionally augmenting them here."""
+        batch = CropBatcher(self, len(items))
+        for crops, photo in items:
+            batch.put(crops, photo)
+        return batch.finish(augment, keys)
 
 
 class CropBatcher:
@@ -220,28 +205,45 @@ class CropBatcher:
         self.params = [np.zeros((n * batch_size, N_PARAMS), np.float32) for n in multicrop.num_crops]
         self._where = [(r, j) for r, n in enumerate(multicrop.num_crops) for j in range(n)]
         self.keys: list[str] = []
+        self.filled = 0
 
     @property
     def full(self) -> bool:
-        return len(self.keys) >= self.batch_size
+        return self.filled >= self.batch_size
 
-    def add(self, data: bytes, key: str, pass_index: int) -> None:
-        """Adds one sample; if it raises (undecodable), the batch is as before and the slot is reused."""
-        b, n = len(self.keys), self.batch_size
-        _, photo = self.mc.crops_u8(data, key, pass_index,
-                                    out=[self.images[r][j * n + b] for r, j in self._where])
+    def _slots(self) -> list[torch.Tensor]:
+        """The next sample's place in the batch, one [3,S,S] view per crop in config order."""
+        b, n = self.filled, self.batch_size
+        return [self.images[r][j * n + b] for r, j in self._where]
+
+    def _commit(self, photo: np.ndarray, key: str) -> None:
+        b, n = self.filled, self.batch_size
         for ci, (r, j) in enumerate(self._where):
             self.params[r][j * n + b] = photo[ci]
         self.keys.append(key)
+        self.filled += 1
 
-    def finish(self, augment: bool) -> CropBatch:
+    def add(self, data: bytes, key: str, pass_index: int) -> None:
+        """Adds one sample; if it raises (undecodable), the batch is as before and the slot is reused."""
+        _, photo = self.mc.crops_u8(data, key, pass_index, out=self._slots())
+        self._commit(photo, key)
+
+    def put(self, crops: Sequence[torch.Tensor], photo: np.ndarray, key: str = "") -> None:
+        """Adds one sample's crops_u8 output (already resized)."""
+        for slot, c in zip(self._slots(), crops):
+            slot.copy_(c)
+        self._commit(photo, key)
+
+    def finish(self, augment: bool, keys: list[str] | None = None) -> CropBatch:
+        """The CropBatch, optionally augmented here; keys, when given, replace the ones added."""
         images, params = self.images, [torch.from_numpy(p) for p in self.params]
         if not self.full:   # a short last batch: keep the filled slots, still crop-major
             n = self.batch_size
-            images, params = zip(*[(im.view(-1, n, *im.shape[1:])[:, :len(self.keys)].flatten(0, 1),
-                                    p.view(-1, n, N_PARAMS)[:, :len(self.keys)].flatten(0, 1))
+            images, params = zip(*[(im.view(-1, n, *im.shape[1:])[:, :self.filled].flatten(0, 1),
+                                    p.view(-1, n, N_PARAMS)[:, :self.filled].flatten(0, 1))
                                    for im, p in zip(images, params)])
         images, params = list(images), list(params)
         if augment:
             images = [photometric(im, p) for im, p in zip(images, params)]
-        return CropBatch(images=images, params=params, keys=list(self.keys), augmented=augment)
+        return CropBatch(images=images, params=params, keys=list(self.keys if keys is None else keys),
+                         augmented=augment)
