@@ -12,6 +12,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 
 import augment_rate  # noqa: E402
 import build_rate  # noqa: E402
+import decode_scales  # noqa: E402
 import step_time  # noqa: E402
 
 
@@ -20,6 +21,7 @@ def main() -> None:
                "date": time.strftime("%Y-%m-%d")}
     results["build"] = build_rate.main()
     results["augment_and_stream"] = augment_rate.main()
+    results["decode_scales"] = decode_scales.main()
     results["step_time"] = step_time.main()
     out = os.path.join(os.path.dirname(__file__), "results", f"cpu-{results['date']}.json")
     os.makedirs(os.path.dirname(out), exist_ok=True)

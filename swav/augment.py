@@ -29,6 +29,11 @@ N_PARAMS = 12   # jitter flag, 4 factors, 4 order slots, gray flag, blur sigma (
 FLIP = 11
 
 
+# factor ranges of brightness, contrast, saturation and hue, as uniform lo + span * u
+_JITTER_LO = np.array([max(0.0, 1 - JITTER[0]), max(0.0, 1 - JITTER[1]), max(0.0, 1 - JITTER[2]), -JITTER[3]])
+_JITTER_SPAN = np.array([1 + JITTER[0], 1 + JITTER[1], 1 + JITTER[2], JITTER[3]]) - _JITTER_LO
+
+
 def sample_photometric(rng: np.random.Generator, n: int | None = None, blur_prob: float = P_BLUR,
                        blur_sigma: tuple[float, float] = BLUR_SIGMA) -> np.ndarray:
     """Photometric parameters of one crop [N_PARAMS], or of n crops [n, N_PARAMS], as float32.
@@ -37,14 +42,11 @@ def sample_photometric(rng: np.random.Generator, n: int | None = None, blur_prob
     Drawn as a few arrays rather than per value: per-call overhead of the generator
     dominated the CPU cost of small crops.
     """
-    b, c, s, h = JITTER
     m = 1 if n is None else n
     u = rng.random((m, 7))
     out = np.zeros((m, N_PARAMS), np.float32)
     out[:, 0] = u[:, 0] < P_JITTER
-    for col, (lo, hi) in enumerate(((max(0.0, 1 - b), 1 + b), (max(0.0, 1 - c), 1 + c),
-                                    (max(0.0, 1 - s), 1 + s), (-h, h)), start=1):
-        out[:, col] = lo + (hi - lo) * u[:, col]
+    out[:, 1:5] = _JITTER_LO + _JITTER_SPAN * u[:, 1:5]
     out[:, 5:9] = np.argsort(rng.random((m, 4)), axis=1)   # a uniformly random order of the four ops
     out[:, 9] = u[:, 5] < P_GRAY
     sigma = blur_sigma[0] + (blur_sigma[1] - blur_sigma[0]) * rng.random(m)

@@ -26,7 +26,7 @@ from shards.errors import UserError
 log = logging.getLogger("swav.demo")
 
 DEMO_CONFIG = Path(__file__).resolve().parent.parent / "jobs" / "demo.yaml"
-RANDOM_SEEDS = (0, 1, 2, 3)
+RANDOM_SEEDS = (0, 1, 2, 3, 4)   # other random inits for scale: the first four that are not the run's seed
 
 
 def make_bucket(root: Path, photos: int = 48) -> dict:
@@ -128,9 +128,10 @@ def run_demo(out: str = "demo-output", steps: int = 0, endpoint_url: str = "", f
     # on the digits, so a few other seeds are reported beside it for scale.
     rnd = evaluate("knn", str(train_dir), str(val_dir), checkpoint=ckpt_url, random_init=True, image_size=64,
                    seed=job.seed)
+    other_seeds = [s for s in RANDOM_SEEDS if s != job.seed][:4]
     others = [evaluate("knn", str(train_dir), str(val_dir), checkpoint=ckpt_url, random_init=True, image_size=64,
-                       seed=s)["knn20_top1"] for s in RANDOM_SEEDS]
-    rnd["other_seeds_knn20_top1"] = dict(zip(RANDOM_SEEDS, others))
+                       seed=s)["knn20_top1"] for s in other_seeds]
+    rnd["other_seeds_knn20_top1"] = dict(zip(other_seeds, others))
     evals = {"pretrained": pre, "random_init": rnd}
     (root / "eval.json").write_text(json.dumps(evals, indent=2))
 

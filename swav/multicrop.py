@@ -2,8 +2,8 @@
 
 Randomness of every crop comes from (seed, sample key, pass), so a sample gets
 the same views after a restart. The JPEG is decoded once, by libjpeg-turbo
-(simplejpeg), at the lowest resolution the crops allow (DCT scaling in
-eighths); crops and resizes run on uint8 tensors; the photometric part runs
+(simplejpeg), at the lowest resolution the crops allow (DCT scaling by 1/2,
+1/4 or 1/8); crops and resizes run on uint8 tensors; the photometric part runs
 crop by crop in OpenCV on CPU and batched on accelerators (augment.py).
 """
 
@@ -23,20 +23,56 @@ from shards.stream import key_hash
 from swav.augment import BLUR_SIGMA, FLIP, N_PARAMS, P_BLUR, P_FLIP, CropBatch, photometric, sample_photometric
 
 _RATIO = (3 / 4, 4 / 3)
-_RESIZE_OUT = getattr(getattr(torch.ops.aten, "_upsample_bilinear2d_aa", None), "out", None)
+
+
+def _resize_out_op():
+    """The aten op behind F.interpolate's antialiased bilinear mode, in its out= form, or None.
+
+    Its C binding first: the torch.ops route costs ~4 us more per call in Python dispatch, eight
+    times per sample. Probed once, because both are private names a torch release may change."""
+    x = torch.arange(7 * 5 * 3, dtype=torch.uint8).view(1, 7, 5, 3).permute(0, 3, 1, 2)
+    want = F.interpolate(x, size=(3, 4), mode="bilinear", antialias=True, align_corners=False)
+    for op in (getattr(torch._C._nn, "_upsample_bilinear2d_aa", None),
+               getattr(getattr(torch.ops.aten, "_upsample_bilinear2d_aa", None), "out", None)):
+        try:
+            out = torch.empty(1, 3, 4, 3, dtype=torch.uint8).permute(0, 3, 1, 2)
+            op(x, [3, 4], False, None, None, out=out)
+            if torch.equal(out, want):
+                return op
+        except Exception:  # noqa: BLE001 - any failure means: not this one
+            continue
+    return None
+
+
+_RESIZE_OUT = _resize_out_op()
 
 
 def _resize(region: torch.Tensor, size: int, out: torch.Tensor | None) -> torch.Tensor:
-    """Antialiased bilinear resize of [1,3,h,w] uint8 to [3,size,size], into out when given."""
+    """Antialiased bilinear resize of [1,3,h,w] uint8 to size x size, into out ([3,S,S] or [1,3,S,S])
+    when given, else a new [3,S,S]."""
     if out is None:
         return F.interpolate(region, size=(size, size), mode="bilinear", antialias=True, align_corners=False)[0]
     if _RESIZE_OUT is not None:
         # The aten op behind F.interpolate, in its out= form: the crop lands in its batch slot with
         # no second copy (stacking crops into batches was ~7% of the CPU part).
-        _RESIZE_OUT(region, [size, size], False, None, None, out=out.unsqueeze(0))
+        _RESIZE_OUT(region, [size, size], False, None, None, out=out if out.dim() == 4 else out.unsqueeze(0))
     else:
-        out.copy_(F.interpolate(region, size=(size, size), mode="bilinear", antialias=True, align_corners=False)[0])
+        out.copy_(F.interpolate(region, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+                  .view(out.shape))
     return out
+
+
+def _nchw_view(hwc: torch.Tensor, top: int, left: int, h: int, w: int) -> torch.Tensor:
+    """The region of a contiguous uint8 [H,W,3] image as [1,3,h,w] with channels-last strides.
+
+    The batch stride is the whole image, so torch takes the view as channels-last and keeps its fast
+    uint8 resize path (a [3,H,W] permute unsqueezed gets an ambiguous batch stride, and ~40% slower
+    resizes with NCHW outputs). as_strided because indexing costs 3x as much, per crop.
+    """
+    height, width = hwc.shape[0], hwc.shape[1]
+    h, w = min(h, height - top), min(w, width - left)   # what slicing would clamp to
+    return hwc.as_strided((1, 3, h, w), (height * width * 3, 1, width * 3, 3),
+                          hwc.storage_offset() + (top * width + left) * 3)
 
 
 def _jpeg_size(data: bytes) -> tuple[int, int] | None:
@@ -55,37 +91,38 @@ def crop_rng(seed: int, key: str, pass_index: int) -> np.random.Generator:
 
 
 def random_resized_boxes(rng: np.random.Generator, width: int, height: int,
-                         scales: np.ndarray) -> np.ndarray:
-    """Boxes [n, 4] of (top, left, h, w), one per row of scales [n, 2], sampled like torchvision's
+                         scales: Sequence[tuple[float, float]]) -> list[tuple[int, int, int, int]]:
+    """Boxes (top, left, h, w), one per (min, max) area fraction in scales, sampled like torchvision's
     RandomResizedCrop: up to 10 tries of (area fraction, log aspect ratio), else a centred crop of
-    the clamped aspect ratio. All tries are drawn at once (one generator call per quantity)."""
-    n = scales.shape[0]
+    the clamped aspect ratio. All tries are drawn at once (one generator call per quantity); the
+    per-crop arithmetic is plain Python, since numpy's per-call cost dominated arrays of 8 x 10."""
+    n = len(scales)
     area = width * height
     u = rng.random((n, 10, 2))
-    target = area * (scales[:, :1] + (scales[:, 1:] - scales[:, :1]) * u[..., 0])
     log_lo, log_hi = math.log(_RATIO[0]), math.log(_RATIO[1])
-    aspect = np.exp(log_lo + (log_hi - log_lo) * u[..., 1])
-    w = np.rint(np.sqrt(target * aspect)).astype(np.int64)
-    h = np.rint(np.sqrt(target / aspect)).astype(np.int64)
-    ok = (w > 0) & (w <= width) & (h > 0) & (h <= height)
-    first = ok.argmax(axis=1)
-    rows = np.arange(n)
-    bw, bh, found = w[rows, first], h[rows, first], ok[rows, first]
-    pos = rng.random((n, 2))
-    top = np.floor(pos[:, 0] * (height - bh + 1)).astype(np.int64)
-    left = np.floor(pos[:, 1] * (width - bw + 1)).astype(np.int64)
-    if not found.all():
-        in_ratio = width / height
-        if in_ratio < _RATIO[0]:
-            fw, fh = width, int(round(width / _RATIO[0]))
-        elif in_ratio > _RATIO[1]:
-            fw, fh = int(round(height * _RATIO[1])), height
+    # numpy's exp, not math.exp: the two may differ in the last bit, and a sample's boxes must not
+    # change between releases (the demo's figures and every resumed run depend on them)
+    aspects = np.exp(log_lo + (log_hi - log_lo) * u[..., 1]).tolist()
+    fractions = u[..., 0].tolist()
+    positions = rng.random((n, 2)).tolist()
+    boxes = []
+    for (lo, hi), fraction, aspect, (py, px) in zip(scales, fractions, aspects, positions):
+        for f, a in zip(fraction, aspect):
+            target = area * (lo + (hi - lo) * f)
+            w, h = round(math.sqrt(target * a)), round(math.sqrt(target / a))   # both round half to even
+            if 0 < w <= width and 0 < h <= height:
+                boxes.append((math.floor(py * (height - h + 1)), math.floor(px * (width - w + 1)), h, w))
+                break
         else:
-            fw, fh = width, height
-        miss = ~found
-        bw[miss], bh[miss] = fw, fh
-        top[miss], left[miss] = (height - fh) // 2, (width - fw) // 2
-    return np.stack([top, left, bh, bw], axis=1)
+            in_ratio = width / height
+            if in_ratio < _RATIO[0]:
+                w, h = width, int(round(width / _RATIO[0]))
+            elif in_ratio > _RATIO[1]:
+                w, h = int(round(height * _RATIO[1])), height
+            else:
+                w, h = width, height
+            boxes.append(((height - h) // 2, (width - w) // 2, h, w))
+    return boxes
 
 
 class MultiCrop:
@@ -110,7 +147,7 @@ class MultiCrop:
         self.blur_prob, self.blur_sigma = blur_prob, (float(blur_sigma[0]), float(blur_sigma[1]))
         # (size, scale range) of every crop, in config order
         self.plan = [(s, sc) for s, n, sc in zip(self.size_crops, self.num_crops, self.scales) for _ in range(n)]
-        self._scales = np.array([sc for _, sc in self.plan], np.float64).reshape(-1, 2)
+        self._scales = [(float(lo), float(hi)) for _, (lo, hi) in self.plan]
 
     @classmethod
     def from_config(cls, crops, seed: int) -> "MultiCrop":
@@ -132,26 +169,26 @@ class MultiCrop:
         flips = rng.random(len(boxes)) < self.flip_prob
         photo = sample_photometric(rng, len(boxes), self.blur_prob, self.blur_sigma)
         photo[:, FLIP] = flips
-        return [(int(t), int(l), int(h), int(w), bool(f)) for (t, l, h, w), f in zip(boxes.tolist(), flips)], photo
+        return [box + (f,) for box, f in zip(boxes, flips.tolist())], photo
 
     def _decode(self, data: bytes, boxes: list, width: int, height: int, img: Image.Image | None) -> torch.Tensor:
         """The image as uint8 [h,w,3], at the smallest size every crop allows."""
-        # Reduction that keeps every crop at or above its output size; JPEGs shrink in the DCT
-        # (libjpeg-turbo scales by n/8), which makes both the decode and the resizes cheaper.
+        # Shrink in the DCT by the largest power of two that keeps every crop at or above its output
+        # size: cheaper decode and cheaper resizes. Powers of two only: libjpeg-turbo has SIMD IDCTs
+        # for 1/1, 1/2, 1/4 and 1/8, while its 7/8, 3/4 and 5/8 ones are plain C, measured 1.2-1.8x
+        # *slower* than a full decode (bench/decode_scales.py).
         room = min(min(h, w) / s for (_, _, h, w, _), (s, _) in zip(boxes, self.plan))
-        if img is None:   # a JPEG libjpeg-turbo reads (see _jpeg_size)
-            try:
-                if room >= 8 / 7:   # else no eighths-scale fits: a full decode, skipping the scale search
-                    arr = simplejpeg.decode_jpeg(data, "RGB", min_width=math.ceil(width / room),
-                                                 min_height=math.ceil(height / room))
-                else:
-                    arr = simplejpeg.decode_jpeg(data, "RGB")
-                return torch.from_numpy(arr)
-            except ValueError:
-                img = Image.open(io.BytesIO(data))   # what libjpeg-turbo refuses, Pillow may still read
         factor = 1
         while factor < 8 and room >= factor * 2:
             factor *= 2
+        if img is None:   # a JPEG libjpeg-turbo reads (see _jpeg_size)
+            try:
+                if factor == 1:
+                    return torch.from_numpy(simplejpeg.decode_jpeg(data, "RGB"))
+                return torch.from_numpy(simplejpeg.decode_jpeg(data, "RGB", min_width=math.ceil(width / factor),
+                                                               min_height=math.ceil(height / factor)))
+            except ValueError:
+                img = Image.open(io.BytesIO(data))   # what libjpeg-turbo refuses, Pillow may still read
         if factor > 1 and img.format == "JPEG":
             img.draft("RGB", (math.ceil(width / factor), math.ceil(height / factor)))
         return torch.from_numpy(np.array(img.convert("RGB")))
@@ -160,7 +197,8 @@ class MultiCrop:
                  out: Sequence[torch.Tensor] | None = None) -> tuple[list[torch.Tensor], np.ndarray]:
         """Uint8 crops [3,S,S] in config order, not yet flipped, and their params [n_crops, N_PARAMS].
 
-        out: a destination per crop (e.g. its slot in a batch tensor), resized into directly.
+        out: a destination per crop, [3,S,S] or [1,3,S,S] (e.g. its slot in a batch tensor), resized
+        into directly; the crops returned are then out's entries.
         """
         size = _jpeg_size(data)
         img = None if size is not None else Image.open(io.BytesIO(data))   # opened once, decoded in _decode
@@ -168,14 +206,9 @@ class MultiCrop:
         boxes, photo = self.sample_params(key, pass_index, width, height)
         hwc = self._decode(data, boxes, width, height, img)
         sy, sx = hwc.shape[0] / height, hwc.shape[1] / width
-        # [1,3,H,W] with proper channels-last strides (batch dim first, then permuted): torch's fast
-        # uint8 resize path, and channels-last crops out. Unsqueezing a [3,H,W] permute instead gives
-        # an ambiguous batch stride, and ~40% slower resizes with NCHW outputs.
-        t4 = hwc.unsqueeze(0).permute(0, 3, 1, 2)
         crops = []
         for i, ((top, left, h, w, _), (size, _)) in enumerate(zip(boxes, self.plan)):
-            y0, x0 = int(top * sy), int(left * sx)
-            region = t4[..., y0:y0 + max(1, round(h * sy)), x0:x0 + max(1, round(w * sx))]
+            region = _nchw_view(hwc, int(top * sy), int(left * sx), max(1, round(h * sy)), max(1, round(w * sx)))
             crops.append(_resize(region, size, None if out is None else out[i]))
         return crops, photo
 
@@ -204,6 +237,7 @@ class CropBatcher:
                        for s, n in zip(multicrop.size_crops, multicrop.num_crops)]
         self.params = [np.zeros((n * batch_size, N_PARAMS), np.float32) for n in multicrop.num_crops]
         self._where = [(r, j) for r, n in enumerate(multicrop.num_crops) for j in range(n)]
+        self._sizes = [multicrop.size_crops[r] for r, _ in self._where]
         self.keys: list[str] = []
         self.filled = 0
 
@@ -212,9 +246,11 @@ class CropBatcher:
         return self.filled >= self.batch_size
 
     def _slots(self) -> list[torch.Tensor]:
-        """The next sample's place in the batch, one [3,S,S] view per crop in config order."""
+        """The next sample's place in the batch, one [1,3,S,S] view per crop in config order."""
         b, n = self.filled, self.batch_size
-        return [self.images[r][j * n + b] for r, j in self._where]
+        # as_strided rather than indexing plus unsqueeze: a third of the cost, eight times per sample
+        return [self.images[r].as_strided((1, 3, s, s), (s * s * 3, 1, s * 3, 3), (j * n + b) * s * s * 3)
+                for (r, j), s in zip(self._where, self._sizes)]
 
     def _commit(self, photo: np.ndarray, key: str) -> None:
         b, n = self.filled, self.batch_size

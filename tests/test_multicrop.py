@@ -210,6 +210,36 @@ def test_jpeg_and_lossless_inputs_give_the_same_crops(jpeg):
             assert x.shape == y.shape and (x.float() - y.float()).abs().mean() < 1.5
 
 
+def test_large_jpegs_are_decoded_reduced_by_a_power_of_two_with_the_same_crops():
+    """A 1600x1200 JPEG whose crops all allow shrinking: the decode is halved (or more) in the DCT,
+    never by a slow non-power-of-two eighth, and the crops still match a full-resolution decode."""
+    from pipeline.samplebucket import packaged_photos
+
+    photo = dict(packaged_photos())["astronaut"].resize((1600, 1200))
+    jpg, png = io.BytesIO(), io.BytesIO()
+    photo.save(jpg, format="JPEG", quality=90)
+    photo.save(png, format="PNG")
+    jpg, png = jpg.getvalue(), png.getvalue()
+    mc = MultiCrop([224, 96], [2, 2], [0.14, 0.03], [1.0, 0.3], seed=0)
+    factors = set()
+    for key in "abcdefghijkl":
+        boxes, _ = mc.sample_params(key, 0, 1600, 1200)
+        room = min(min(h, w) / s for (_, _, h, w, _), (s, _) in zip(boxes, mc.plan))
+        decoded = mc._decode(jpg, boxes, 1600, 1200, None)
+        factor = 1600 // decoded.shape[1]
+        assert decoded.shape[:2] == (1200 // factor, 1600 // factor)
+        assert factor in (2, 4, 8) and factor <= room < 2 * factor or factor == 8 <= room
+        factors.add(factor)
+        reduced, full = mc.crops_u8(jpg, key, 0)[0], mc.crops_u8(png, key, 0)[0]
+        for x, y in zip(reduced, full):
+            # Same place and content; the reduced box sits on the coarser pixel grid (up to one output
+            # pixel off, where texture differs by ~10 levels), so compare on an 8x8 grid. Crops of
+            # other keys differ there by 24-80 levels.
+            pooled = [torch.nn.functional.adaptive_avg_pool2d(t[None].float(), 8) for t in (x, y)]
+            assert x.shape == y.shape and (pooled[0] - pooled[1]).abs().mean() < 8.0
+    assert len(factors) >= 2   # the keys above exercise more than one scale
+
+
 def test_batched_blur_matches_torchvision_per_crop(jpeg):
     img = TF.pil_to_tensor(Image.open(io.BytesIO(jpeg)).convert("RGB"))
     crops = torch.stack([TF.resized_crop(img, 10 * i, 20 * i, 120, 140, [48, 48]) for i in range(6)]).float() / 255
