@@ -96,6 +96,26 @@ def test_batcher_writes_what_collate_would_build_and_survives_a_bad_sample(jpeg)
     assert [tuple(x.shape) for x in part.images] == [(2, 3, 32, 32), (3, 3, 16, 16)]
 
 
+def test_batches_are_the_same_without_the_private_resize_op(jpeg, monkeypatch):
+    """The batcher resizes through a private aten op's out= form; if a torch release drops it, the
+    public F.interpolate fallback must give the very same batch."""
+    from swav import multicrop as M
+
+    mc = MultiCrop([48, 24], [2, 3], [0.3, 0.1], [1.0, 0.3], seed=0)
+
+    def batch():
+        b = M.CropBatcher(mc, 3)
+        for k in ("a", "b", "c"):
+            b.add(jpeg, k, 0)
+        return b.finish(augment=False).images
+
+    assert M._RESIZE_OUT is not None   # the pinned torch has it (else this test checks nothing)
+    fast = batch()
+    monkeypatch.setattr(M, "_RESIZE_OUT", None)
+    for x, y in zip(fast, batch()):
+        assert torch.equal(x, y)
+
+
 @pytest.mark.parametrize("method", ["opencv", "tensor"])
 def test_flip_is_applied_with_the_photometric_ops(jpeg, method):
     mc = MultiCrop([48], [6], [0.3], [1.0], seed=1)
