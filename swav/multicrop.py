@@ -253,9 +253,11 @@ class CropBatcher:
                 for (r, j), s in zip(self._where, self._sizes)]
 
     def _commit(self, photo: np.ndarray, key: str) -> None:
-        b, n = self.filled, self.batch_size
-        for ci, (r, j) in enumerate(self._where):
-            self.params[r][j * n + b] = photo[ci]
+        # crop j of sample b sits in row j * batch_size + b: one strided row slice per resolution
+        start = 0
+        for params, k in zip(self.params, self.mc.num_crops):
+            params[self.filled::self.batch_size] = photo[start:start + k]
+            start += k
         self.keys.append(key)
         self.filled += 1
 
