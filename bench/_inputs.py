@@ -13,7 +13,7 @@ def mixed_bucket(root: Path, photos: int = 480) -> Path:
 
     if not (root / ".done").exists():
         photo_bucket(root / "photos", photos, seed=7, min_side=400, max_side=2000)
-        odd_cases(root / "odd")
+        odd_cases(root / "odd", rel_prefix="odd/")
         (root / ".done").touch()
     return root
 

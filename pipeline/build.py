@@ -1,10 +1,15 @@
 """Build a shard set from a bucket: list, read, normalise, deduplicate, pack, commit.
 
+Objects are packed in a seeded pseudo-random order (pipeline/order.py), so each
+shard is an i.i.d. sample of the part, never a run of one folder. The listing is
+first written as a snapshot (key-sorted runs plus a record); the pack order is a
+streaming merge of those runs.
+
 Restart rule: shard k of a part is committed when its manifest exists (the tar
 is written first, the manifest second and it records the tar's hash). A rerun
 keeps the committed prefix, rebuilds its dedup state from those manifests, and
-continues from the listing position after the last committed row, so the
-output is byte-identical to an uninterrupted build.
+continues in the snapshot's pack order after the objects already committed, so
+the output is byte-identical to an uninterrupted build.
 """
 
 from __future__ import annotations
@@ -26,19 +31,17 @@ from tqdm import tqdm
 
 import shards
 from pipeline.listing import SourceObject, walk
+from pipeline.order import in_order, write_snapshot
 from pipeline.normalise import NormaliseConfig, normalise
 from shards import layout
 from shards.errors import UserError
-from shards.manifest import (ACCEPTED, LISTING_SCHEMA, MANIFEST_SCHEMA, REJECTED, from_parquet_bytes,
-                             to_parquet_bytes)
+from shards.manifest import ACCEPTED, MANIFEST_SCHEMA, REJECTED, from_parquet_bytes, to_parquet_bytes
 from shards.storage import (explain, get_fs, join, read_bytes, read_json, redact, remove_stale_temporaries,
                             with_retries,
                             write_bytes, write_json)
 from shards.tario import write_tar
 
 log = logging.getLogger(__name__)
-
-LISTING_CHUNK = 100_000
 
 
 @dataclass
@@ -49,6 +52,7 @@ class BuildConfig:
     io_threads: int = 16        # concurrent reads from the source
     part: int = 0
     num_parts: int = 1
+    seed: int = 0               # pack order; part of the output, recorded in build.json
     normalise: NormaliseConfig = field(default_factory=NormaliseConfig)
 
     def fingerprint(self) -> dict:
@@ -156,10 +160,10 @@ def read_manifest(fs, path: str):
     return table, json.loads(meta[b"shard"]) if b"shard" in meta else None
 
 
-def _recover(fs, root: str, cfg: BuildConfig, result: PartResult) -> tuple[int, int, set[str]]:
-    """(next shard number, last committed listing position, seen hashes) from committed manifests."""
+def _recover(fs, root: str, cfg: BuildConfig, result: PartResult) -> tuple[int, set[str]]:
+    """(next shard number, seen hashes) from committed manifests; result counts the committed inputs."""
     seen: set[str] = set()
-    number, last_pos = 0, -1
+    number = 0
     while True:
         path = join(root, layout.manifest_name(cfg.part, number))
         if not with_retries(lambda: fs.exists(path), f"stat {path}"):
@@ -180,11 +184,9 @@ def _recover(fs, root: str, cfg: BuildConfig, result: PartResult) -> tuple[int, 
                 result.accepted += 1
             else:
                 result.reasons[reason] = result.reasons.get(reason, 0) + 1
-        if cols["list_pos"]:
-            last_pos = max(last_pos, max(cols["list_pos"]))
         number += 1
     result.resumed_shards = number
-    return number, last_pos, seen
+    return number, seen
 
 
 def _read_object(fs, obj: SourceObject) -> bytes:
@@ -227,21 +229,6 @@ class _Processor:
     def close(self) -> None:
         self.threads.shutdown(wait=True, cancel_futures=True)
         self.procs.shutdown(wait=True, cancel_futures=True)
-
-
-def _listing_writer(fs, root: str, part: int):
-    rows: list[dict] = []
-    chunk = 0
-
-    def add(obj: SourceObject | None) -> None:
-        nonlocal rows, chunk
-        if obj is not None:
-            rows.append({"list_pos": obj.pos, "url": obj.url, "size": obj.size})
-        if rows and (obj is None or len(rows) >= LISTING_CHUNK):
-            write_bytes(fs, join(root, layout.listing_name(part, chunk)), to_parquet_bytes(rows, LISTING_SCHEMA))
-            rows, chunk = [], chunk + 1
-
-    return add
 
 
 def open_source(src: str, options: dict | None):
@@ -289,28 +276,21 @@ def build_part(src: str, dst: str, cfg: BuildConfig, src_options: dict | None = 
         raise explain(e, dst) from None
 
     remove_stale_temporaries(dfs, droot)
-    number, last_pos, seen = _recover(dfs, droot, cfg, result)
+    snapshot = _snapshot(fs, root, src, dfs, droot, cfg, fingerprint)
+    number, seen = _recover(dfs, droot, cfg, result)
     if number:
         log.info("part %d: resuming after %d committed shard(s), %d inputs done", cfg.part, number, result.inputs)
     writer = _PartWriter(dfs, droot, cfg, number, seen, result)
-    listing = _listing_writer(dfs, droot, cfg.part)
-    any_object = False
 
     def todo() -> Iterator[SourceObject]:
-        nonlocal any_object
         try:
-            for obj in walk(fs, root, src.rstrip("/")):
-                any_object = True
-                if in_part(obj.rel, cfg.part, cfg.num_parts):
-                    listing(obj)
-                    if obj.pos > last_pos:
-                        yield obj
+            yield from in_order(dfs, droot, cfg.part, cfg.num_parts, snapshot["runs"], root, src, skip=result.inputs)
         except Exception as e:  # noqa: BLE001
-            raise explain(e, src) from None
-        listing(None)
+            raise explain(e, dst) from None
 
     processor = _Processor(fs, cfg)
     bar = tqdm(desc=f"shards build part {cfg.part}/{cfg.num_parts}", unit="img", disable=not progress,
+               total=snapshot["rows"], initial=result.inputs,
                mininterval=1.0, smoothing=0.1)
     try:
         for obj, out in processor.run(todo()):
@@ -322,13 +302,30 @@ def build_part(src: str, dst: str, cfg: BuildConfig, src_options: dict | None = 
     finally:
         bar.close()
         processor.close()
-    if not any_object and result.inputs == 0:
-        raise UserError(f"source {src} holds no objects")
     result.seconds = time.time() - start
     write_json(dfs, record_path, {"fingerprint": fingerprint, "part": cfg.part, "inputs": result.inputs,
                                   "accepted": result.accepted, "reasons": result.reasons,
                                   "shards": result.shards})
     return result
+
+
+def _snapshot(fs, root: str, src: str, dfs, droot: str, cfg: BuildConfig, fingerprint: dict) -> dict:
+    """The part's listing snapshot record (written once, then reused by every rerun): runs, rows, seed."""
+    path = join(droot, layout.snapshot_record_name(cfg.part, cfg.num_parts))
+    if dfs.exists(path):
+        rec = read_json(dfs, path)
+        if rec.get("fingerprint") == fingerprint:
+            return rec
+    try:
+        objects = (o for o in walk(fs, root, src.rstrip("/")) if in_part(o.rel, cfg.part, cfg.num_parts))
+        rec = write_snapshot(dfs, droot, cfg.part, cfg.num_parts, objects, cfg.seed)
+    except UserError:
+        raise
+    except Exception as e:  # noqa: BLE001
+        raise explain(e, src) from None
+    log.info("part %d: listed %d object(s) into %d sorted run(s)", cfg.part, rec["rows"], rec["runs"])
+    write_json(dfs, path, {"fingerprint": fingerprint, **rec})
+    return rec
 
 
 def build(src: str, dst: str, cfg: BuildConfig, src_options: dict | None = None,

@@ -42,10 +42,11 @@ def _part(text: str) -> tuple[int, int]:
     return i, n
 
 
-def register(sub: argparse._SubParsersAction) -> None:
+def register(sub: argparse._SubParsersAction) -> argparse._SubParsersAction:
+    """Add `shards build|info|verify`; returns the `shards` sub-commands so the app can add its own."""
     sp = sub.add_parser("shards", help="build, inspect and verify shard sets",
                         description="Shard sets: WebDataset tars + parquet manifests + index + build record.")
-    ssub = sp.add_subparsers(dest="shards_command", metavar="{build,info,verify}")
+    ssub = sp.add_subparsers(dest="shards_command", metavar="{build,info,verify,peek}")
     d = NormaliseConfig()
     b = ssub.add_parser("build", help="build a shard set from a bucket of raw images",
                         description="List SRC, validate and normalise every object, and write a shard set to DST. "
@@ -56,6 +57,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="build only part I of N (disjoint by a hash of the object path); run --merge after all parts")
     b.add_argument("--merge", type=int, default=0, metavar="N",
                    help="instead of building, publish the index of a set built as N parts")
+    b.add_argument("--seed", type=int, default=0,
+                   help="seed of the pack order, a pseudo-random permutation that makes every shard an i.i.d. "
+                        "sample of the bucket whatever its folder layout (default 0; recorded in build.json)")
     b.add_argument("--samples-per-shard", type=int, default=1000, help="samples per tar (default 1000)")
     b.add_argument("--shard-max-bytes", type=int, default=256 * 1024 * 1024,
                    help="close a tar once its images reach this many bytes (default 256 MiB)")
@@ -81,6 +85,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     v.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_storage_flags(v)
     sp.set_defaults(func=lambda a: run(a, sp))
+    return ssub
 
 
 def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
@@ -100,7 +105,7 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         part, num_parts = args.part
         cfg = BuildConfig(samples_per_shard=args.samples_per_shard, shard_max_bytes=args.shard_max_bytes,
                           workers=args.workers, io_threads=args.io_threads, part=part, num_parts=num_parts,
-                          normalise=NormaliseConfig(max_side=args.max_side, min_side=args.min_side,
+                          seed=args.seed, normalise=NormaliseConfig(max_side=args.max_side, min_side=args.min_side,
                                                     max_aspect=args.max_aspect, max_pixels=args.max_pixels,
                                                     quality=args.quality))
         fn = build if num_parts == 1 else build_part

@@ -15,6 +15,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipeline.build import read_manifest, tool_version, _table_bytes
+from pipeline.order import order_key
 from shards import layout
 from shards.errors import UserError
 from shards.manifest import ACCEPTED, INDEX_SCHEMA, REJECTED, to_parquet_bytes
@@ -31,8 +32,11 @@ def _manifests(fs, root: str) -> list[str]:
     return sorted(p for p in fs.ls(path, detail=False) if p.endswith(".parquet"))
 
 
-def _drop_cross_part_duplicates(fs, root: str, manifests: list[str]) -> int:
-    """Later copies (by listing position) of content already accepted in another part become rejections."""
+def _drop_cross_part_duplicates(fs, root: str, manifests: list[str], source: str, seed: int) -> int:
+    """Later copies (in pack order) of content already accepted in another part become rejections.
+
+    Pack order, as within a part: the copy kept is the same whichever way the bucket was split.
+    """
     tables = []
     for m in manifests:
         t, _ = read_manifest(fs, m)
@@ -40,7 +44,10 @@ def _drop_cross_part_duplicates(fs, root: str, manifests: list[str]) -> int:
         tables.append(t.append_column("manifest", pa.array([m] * t.num_rows, pa.string())))
     if not tables:
         return 0
-    acc = pa.concat_tables(tables).sort_by("list_pos").to_pydict()
+    acc = pa.concat_tables(tables).to_pydict()
+    prefix = len(source.rstrip("/")) + 1
+    rank = sorted(range(len(acc["url"])), key=lambda i: (order_key(seed, acc["url"][i][prefix:]), acc["url"][i][prefix:]))
+    acc = {k: [v[i] for i in rank] for k, v in acc.items()}
     first: dict[str, str] = {}
     losers: dict[str, dict[str, str]] = {}   # manifest -> key -> winner url
     for sha, key, url, man in zip(acc["sha256"], acc["key"], acc["url"], acc["manifest"]):
@@ -82,7 +89,9 @@ def merge(dst: str, num_parts: int, options: dict | None = None, source: str | N
     if missing:
         raise UserError(f"cannot merge {dst}: part(s) {', '.join(missing)} of {num_parts} not finished")
     manifests = _manifests(fs, root)
-    dropped = _drop_cross_part_duplicates(fs, root, manifests) if num_parts > 1 else 0
+    fingerprint = records[0]["fingerprint"]
+    dropped = (_drop_cross_part_duplicates(fs, root, manifests, fingerprint["source"],
+                                           fingerprint["config"].get("seed", 0)) if num_parts > 1 else 0)
 
     entries, counts = [], {"inputs": 0, ACCEPTED: 0, REJECTED: 0}
     reasons: dict[str, int] = {}
@@ -98,7 +107,6 @@ def merge(dst: str, num_parts: int, options: dict | None = None, source: str | N
                 reasons[reason] = reasons.get(reason, 0) + 1
     entries.sort(key=lambda e: e["name"])
     write_bytes(fs, join(root, layout.INDEX), to_parquet_bytes(entries, INDEX_SCHEMA))
-    fingerprint = records[0]["fingerprint"]
     record = {
         "tool": "swav-stream", "version": tool_version(), "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "source": source or fingerprint["source"], "config": redact(

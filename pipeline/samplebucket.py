@@ -17,6 +17,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from pipeline.order import order_key
+
 
 def _skimage_dir() -> Path:
     import skimage
@@ -88,8 +90,12 @@ def photo_bucket(root: str | os.PathLike, count: int, seed: int = 0, min_side: i
     return written
 
 
-def odd_cases(root: str | os.PathLike) -> dict[str, str | None]:
-    """Write every odd input kind under root; returns {relative path: expected rejection reason or None}."""
+def odd_cases(root: str | os.PathLike, rel_prefix: str = "") -> dict[str, str | None]:
+    """Write every odd input kind under root; returns {relative path: expected rejection reason or None}.
+
+    rel_prefix: root's path relative to the build's source, which decides the pack order and so
+    which of the duplicate copies is kept (the first in the default seed's order).
+    """
     root = Path(root)
     photo = dict(packaged_photos())["chelsea"]  # a cat, 451x300
     small = photo.resize((300, 200))
@@ -119,12 +125,15 @@ def odd_cases(root: str | os.PathLike) -> dict[str, str | None]:
         "odd/photo.bmp": (_bmp(small.transpose(Image.Transpose.FLIP_LEFT_RIGHT)), None),
         "odd/favicon.ico": (_ico(small), "unsupported_format"),
         "odd/bad-crc.png": (_bad_crc_png(small), "corrupt"),
-        "odd/dups/a-original.jpg": (good_jpeg, None),  # first in listing order: the one kept
+        # Three copies: the first in the default pack order is kept (set below).
+        "odd/dups/a-original.jpg": (good_jpeg, "duplicate"),
         "odd/dups/copy of original.jpg": (good_jpeg, "duplicate"),
         "odd/dups/z-another-copy.jpg": (good_jpeg, "duplicate"),
         "odd/ünïcødé name with spaces.jpg": (_jpeg(small.transpose(Image.Transpose.FLIP_TOP_BOTTOM)), None),
         "odd/deeply/nested/prefix/leaf.png": (_png(small.rotate(180)), None),
     }
+    dups = sorted((r for r in cases if r.startswith("odd/dups/")), key=lambda r: order_key(0, rel_prefix + r))
+    cases[dups[0]] = (good_jpeg, None)
     out = {}
     for rel, (data, reason) in cases.items():
         path = root / rel

@@ -24,8 +24,14 @@ def manifest_name(part: int, number: int) -> str:
     return f"{MANIFEST_DIR}/p{part:05d}-{number:06d}.parquet"
 
 
-def listing_name(part: int, chunk: int) -> str:
-    return f"{LISTING_DIR}/p{part:05d}-{chunk:06d}.parquet"
+def listing_name(part: int, num_parts: int, run: int) -> str:
+    """One key-sorted run of a part's listing snapshot."""
+    return f"{LISTING_DIR}/p{part:05d}-of-{num_parts:05d}-{run:06d}.parquet"
+
+
+def snapshot_record_name(part: int, num_parts: int) -> str:
+    """Written after the last run: the snapshot is complete and can be resumed from."""
+    return f"{LISTING_DIR}/p{part:05d}-of-{num_parts:05d}.json"
 
 
 def part_record_name(part: int, num_parts: int) -> str:

@@ -3,8 +3,10 @@
 Global order: slot g (0, 1, 2, ...) reads shard ``perm(seed, pass)[g % N]`` with
 ``pass = g // N``; it depends on (seed, pass, position) only. Consumer c of C
 (C = ranks x DataLoader workers) takes slots ``base + c + k*C`` for k = 0, 1, ...
-It keeps ``mix`` shards open and picks the next sample among them with a
-counter-based hash, so samples interleave deterministically without a buffer.
+Its shuffle window is ``window`` shards open at once: the next sample comes from
+one of them picked by a counter-based hash, so a batch mixes samples of many
+shards, and the window is rebuilt after a restart from (seed, slot, offset)
+alone. There is no sample buffer to save or refill.
 
 State per consumer is a handful of integers: base, C, c, k, draws and
 (slot, offset) of each open shard.
@@ -84,7 +86,7 @@ class StreamStats:
 class ShardStream:
     """Iterator over one consumer's share of the global order. Lazy: opens nothing until next()."""
 
-    def __init__(self, index: ShardIndex, seed: int, consumer: int, num_consumers: int, mix: int = 4,
+    def __init__(self, index: ShardIndex, seed: int, consumer: int, num_consumers: int, window: int = 16,
                  storage_options: dict | None = None, base_slot: int = 0, cache_dir: str = "",
                  cache_max_bytes: int = 10 * 1024**3, retries: int = 5, plan: dict | None = None):
         if not 0 <= consumer < num_consumers:
@@ -92,7 +94,7 @@ class ShardStream:
         self.index, self.seed = index, seed
         self.order = ShardOrder(len(index), seed)
         self.consumer, self.num_consumers = consumer, num_consumers
-        self.mix = max(1, mix)
+        self.window = max(1, window)
         self.options = storage_options or {}
         self.base = base_slot
         self.next_k = 0
@@ -140,7 +142,7 @@ class ShardStream:
     def __next__(self) -> dict:
         attempts = 0
         while True:
-            while len(self.open) < self.mix:
+            while len(self.open) < self.window:
                 slot = self.slot(self.next_k)
                 self.next_k += 1
                 if slot in self.skip:
@@ -154,7 +156,7 @@ class ShardStream:
                 self._readers.pop(slot, None)
                 del self.open[j]
                 attempts += 1
-                if attempts > 4 * self.mix + len(self.index):
+                if attempts > 4 * self.window + len(self.index):
                     raise RuntimeError("no readable shard in the shard set")
                 continue
             self.draws += 1
@@ -216,7 +218,9 @@ class ShardStream:
             self._fs, _ = get_fs(self.index.url, self.options)
         if self.cache_dir and "://" in url and not url.startswith("file://"):
             return open(self._cached(url), "rb")
-        return self._fs.open(self._fs._strip_protocol(url), "rb", block_size=4 * 1024 * 1024)
+        # Every open shard of the window holds one read-ahead buffer: 4 MiB each up to 64 MiB in all.
+        block = max(1024 * 1024, min(4 * 1024 * 1024, 64 * 1024 * 1024 // self.window))
+        return self._fs.open(self._fs._strip_protocol(url), "rb", block_size=block)
 
     def _cached(self, url: str) -> str:
         os.makedirs(self.cache_dir, exist_ok=True)

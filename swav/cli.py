@@ -51,7 +51,32 @@ def _report(args: argparse.Namespace) -> int:
 def _demo(args: argparse.Namespace) -> int:
     from swav.demo import run_demo
 
-    run_demo(args.out, steps=args.steps, endpoint_url=args.endpoint_url, fresh=args.fresh)
+    run_demo(args.out, steps=args.steps, endpoint_url=args.endpoint_url, fresh=args.fresh, seed=args.seed,
+             overrides=args.overrides)
+    return 0
+
+
+def _peek(args: argparse.Namespace) -> int:
+    from swav.config import load_config
+    from swav.peek import format_summary, peek_batches, summarise
+
+    overrides = [*args.overrides, f"data.url={args.set}", f"data.num_workers={args.workers}"]
+    cfg = load_config(args.config or None, overrides)
+    opts = _opts(args)
+    if opts:
+        cfg.data.storage_options = {**cfg.data.storage_options, **opts}
+    if args.ranks < 1 or args.batches < 1 or args.workers < 0:
+        raise UserError("--ranks and --batches must be >= 1, --workers >= 0")
+    if args.out:
+        with open(args.out, "w", encoding="utf-8") as f:
+            rows = peek_batches(cfg, args.ranks, args.batches, f)
+    else:
+        rows = peek_batches(cfg, args.ranks, args.batches)
+    print(f"{args.set}: {args.ranks} rank(s) x {max(1, args.workers)} worker(s), seed {cfg.seed}, "
+          f"shuffle window {cfg.data.shuffle_window} shards")
+    print(format_summary(summarise(rows)))
+    if args.out:
+        print(f"wrote {args.out} (one JSON line per batch: rank, batch, urls)")
     return 0
 
 
@@ -67,7 +92,21 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="swav", description="swav-stream: shard raw image buckets, stream-pretrain "
                                 "SwAV wide ResNet-50s with DeepSpeed, resume from cloud checkpoints.")
     sub = p.add_subparsers(dest="command", metavar="{shards,pretrain,eval,export,report,demo}")
-    register(sub)
+    shards_sub = register(sub)
+    pk = shards_sub.add_parser("peek", help="what the trainer's batches hold: source URLs per batch, and a summary",
+                               description="Run the training loader's split over ranks and workers (no "
+                                           "augmentation) and write one JSON line per delivered batch: "
+                                           '{"rank", "batch", "urls"}. Overrides are config keys, e.g. seed=3 '
+                                           "train.batch_size=64 data.shuffle_window=16.")
+    pk.add_argument("set", metavar="SET", help="shard set URL")
+    pk.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
+    pk.add_argument("--config", default="", help="job YAML whose data/seed/batch settings to use (default: defaults)")
+    pk.add_argument("--ranks", type=int, default=1, help="ranks to simulate (default 1)")
+    pk.add_argument("--workers", type=int, default=0, help="DataLoader workers per rank (default 0)")
+    pk.add_argument("--batches", type=int, default=8, help="batches per rank (default 8)")
+    pk.add_argument("--out", default="", help="write the batches as JSON lines here")
+    add_storage_flags(pk)
+    pk.set_defaults(func=_peek)
 
     pt = sub.add_parser("pretrain", help="SwAV pretraining from a shard set (one process or under deepspeed/torchrun)",
                         description="Run SwAV pretraining. CONFIG is a YAML file (see jobs/); overrides are dotted "
@@ -124,6 +163,8 @@ def build_parser() -> argparse.ArgumentParser:
     dm.add_argument("--steps", type=int, default=0, help="training steps (default: jobs/demo.yaml's train.steps)")
     dm.add_argument("--endpoint-url", default="", help="serve the bucket from this S3 endpoint instead of a folder")
     dm.add_argument("--fresh", action="store_true", help="delete previous demo output first")
+    dm.add_argument("--seed", type=int, default=None, help="training seed (default: jobs/demo.yaml's)")
+    dm.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides of jobs/demo.yaml")
     dm.set_defaults(func=_demo)
     return p
 
@@ -135,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
     # collecting positionals at the first flag.
     args, extra = parser.parse_known_args(argv)
     if extra:
-        if getattr(args, "command", None) == "pretrain" and all("=" in e and not e.startswith("-") for e in extra):
+        if hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extra):
             args.overrides = [*args.overrides, *extra]
         else:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")

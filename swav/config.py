@@ -22,7 +22,10 @@ class DataConfig:
     url: str = ""                       # shard set URL (any fsspec URL)
     storage_options: dict = field(default_factory=dict)  # fsspec options; secrets are never saved
     num_workers: int = 2                # DataLoader worker processes per rank
-    mix_shards: int = 4                 # shards read at once per consumer, samples interleaved
+    # The sample-level shuffle window, in shards open at once per consumer (rank x worker): each sample
+    # is drawn from one of them at random, so a batch of B spans ~min(B, W) shards. Independent of the
+    # set's size: 16 open shards cost 16 file handles and reader buffers, at 1e3 or 1e9 images.
+    shuffle_window: int = 16
     cache_dir: str = ""                 # local copy of remote shards ("" = stream without caching)
     cache_max_bytes: int = 10 * 1024**3
     prefetch_factor: int = 2
@@ -168,11 +171,16 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     raise UserError(f"config key '{key}' has an unsupported type {tp}")
 
 
+RENAMED = {"mix_shards": "shuffle_window"}
+
+
 def _apply(obj: Any, values: dict, prefix: str = "") -> None:
     hints = typing.get_type_hints(type(obj))
     names = {f.name for f in dataclasses.fields(obj)}
     for k, v in values.items():
         key = f"{prefix}{k}"
+        if k in RENAMED and RENAMED[k] in names:
+            raise UserError(f"config key '{key}' is now '{prefix}{RENAMED[k]}'")
         if k not in names:
             raise UserError(f"unknown config key '{key}' (known here: {', '.join(sorted(names))})")
         current = getattr(obj, k)
@@ -251,6 +259,8 @@ def validate(cfg: Config) -> None:
         raise UserError("deepspeed.zero_stage must be 0, 1, 2 or 3")
     if cfg.optim.name not in ("lars", "sgd", "adamw"):
         raise UserError("optim.name must be lars, sgd or adamw")
+    if cfg.data.shuffle_window < 1:
+        raise UserError("data.shuffle_window must be >= 1 (shards open per reader)")
     if cfg.train.batch_size < 1 or cfg.train.steps < 1:
         raise UserError("train.batch_size and train.steps must be >= 1")
     if cfg.checkpoint.keep < 1:

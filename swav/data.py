@@ -7,6 +7,7 @@ worker's business; StatefulDataLoader records that state per delivered batch.
 
 from __future__ import annotations
 
+import json
 import logging
 import warnings
 from typing import Any, Iterator
@@ -24,16 +25,26 @@ log = logging.getLogger(__name__)
 
 
 class _Batches:
-    """Iterator of CropBatch over one consumer's ShardStream; its state is the stream's."""
+    """Iterator of CropBatch over one consumer's ShardStream; its state is the stream's.
 
-    def __init__(self, stream: ShardStream, multicrop: MultiCrop, batch_size: int, augment: bool):
+    With ``describe`` it yields what a batch holds instead (each sample's source URL and shard),
+    for ``swav shards peek``: the same samples in the same batches, without decoding.
+    """
+
+    def __init__(self, stream: ShardStream, multicrop: MultiCrop, batch_size: int, augment: bool,
+                 describe: bool = False):
         self.stream, self.mc, self.batch_size, self.augment = stream, multicrop, batch_size, augment
+        self.describe = describe
         self.bad_samples = 0
 
     def __iter__(self) -> "_Batches":
         return self
 
-    def __next__(self) -> CropBatch:
+    def __next__(self) -> CropBatch | dict:
+        if self.describe:
+            samples = [next(self.stream) for _ in range(self.batch_size)]
+            return {"urls": [source_url(s, self.stream.index) for s in samples],
+                    "shards": [int(s["__shard__"]) for s in samples]}
         batch = CropBatcher(self.mc, self.batch_size)
         while not batch.full:
             s = next(self.stream)
@@ -52,18 +63,32 @@ class _Batches:
         self.bad_samples = state.get("bad_samples", 0)
 
 
+def source_url(sample: dict, index) -> str:
+    """The URL a sample came from: its JSON sidecar's ``url``, else ``<shard URL>#<key>``."""
+    meta = sample.get("json")
+    if meta:
+        try:
+            url = json.loads(meta).get("url")
+        except (ValueError, AttributeError):
+            url = None
+        if isinstance(url, str) and url:
+            return url
+    return f"{index.shard_url(sample['__shard__'])}#{sample['__key__']}"
+
+
 class MultiCropStream(IterableDataset):
     """Endless multi-crop batches for one rank; each DataLoader worker is its own stream consumer."""
 
     def __init__(self, url: str, storage_options: dict | None, seed: int, rank: int, world_size: int,
-                 batch_size: int, multicrop: MultiCrop, augment: bool, mix: int = 4, cache_dir: str = "",
-                 cache_max_bytes: int = 10 * 1024**3, num_workers: int = 0, plan: dict | None = None):
+                 batch_size: int, multicrop: MultiCrop, augment: bool, window: int = 16, cache_dir: str = "",
+                 cache_max_bytes: int = 10 * 1024**3, num_workers: int = 0, plan: dict | None = None,
+                 describe: bool = False):
         self.url, self.options, self.seed = url, storage_options, seed
         self.rank, self.world_size, self.batch_size = rank, world_size, batch_size
-        self.mc, self.augment, self.mix = multicrop, augment, mix
+        self.mc, self.augment, self.window = multicrop, augment, window
         self.cache_dir, self.cache_max_bytes = cache_dir, cache_max_bytes
         self.num_workers = max(1, num_workers)
-        self.plan = plan
+        self.plan, self.describe = plan, describe
         self._index = None
 
     def __iter__(self) -> Iterator[CropBatch]:
@@ -72,19 +97,19 @@ class MultiCropStream(IterableDataset):
         if self._index is None:
             self._index = load_index(self.url, self.options)
         consumer = self.rank * self.num_workers + worker
-        stream = ShardStream(self._index, self.seed, consumer, self.world_size * self.num_workers, self.mix,
+        stream = ShardStream(self._index, self.seed, consumer, self.world_size * self.num_workers, self.window,
                              self.options, cache_dir=self.cache_dir, cache_max_bytes=self.cache_max_bytes,
                              plan=self.plan)
-        return _Batches(stream, self.mc, self.batch_size, self.augment)
+        return _Batches(stream, self.mc, self.batch_size, self.augment, self.describe)
 
 
 def build_loader(cfg: Any, rank: int, world_size: int, pin_memory: bool = False,
-                 plan: dict | None = None) -> StatefulDataLoader:
+                 plan: dict | None = None, describe: bool = False) -> StatefulDataLoader:
     mc = MultiCrop.from_config(cfg.crops, cfg.seed)
     ds = MultiCropStream(cfg.data.url, cfg.data.storage_options, cfg.seed, rank, world_size, cfg.train.batch_size,
-                         mc, augment=cfg.crops.augment_on == "cpu", mix=cfg.data.mix_shards,
+                         mc, augment=cfg.crops.augment_on == "cpu", window=cfg.data.shuffle_window,
                          cache_dir=cfg.data.cache_dir, cache_max_bytes=cfg.data.cache_max_bytes,
-                         num_workers=cfg.data.num_workers, plan=plan)
+                         num_workers=cfg.data.num_workers, plan=plan, describe=describe)
     kw: dict[str, Any] = {}
     if cfg.data.num_workers > 0:
         kw.update(prefetch_factor=cfg.data.prefetch_factor, persistent_workers=False,

@@ -65,8 +65,8 @@ def test_one_pass_reads_every_sample_once_whatever_the_consumer_count(small_set)
     for consumers in (1, 2, 3):
         seen = []
         for c in range(consumers):
-            s = ShardStream(idx, 3, c, consumers)
-            seen += [x["__key__"] for x in (next(s) for _ in range(70)) if x["__pass__"] == 0]
+            s = ShardStream(idx, 3, c, consumers)  # the default window: 16 shards open, over 3 passes
+            seen += [x["__key__"] for x in (next(s) for _ in range(400)) if x["__pass__"] == 0]
         assert sorted(seen) == everything, f"{consumers} consumer(s)"
 
 
@@ -100,7 +100,7 @@ def test_resize_continues_the_global_order_without_loss_or_repeats(small_set):
     read = [next(old[0]) for _ in range(6)] + [next(old[1]) for _ in range(9)]
     plan = resume_plan([s.state_dict() for s in old])
     new = [ShardStream(idx, 4, c, 3, plan=plan) for c in range(3)]
-    after = [next(s) for s in new for _ in range(40)]
+    after = [next(s) for s in new for _ in range(200)]  # the default window spans several passes
     for p in (0, 1):
         got = [x["__key__"] for x in read + after if x["__pass__"] == p]
         everything = [f"s{s:04d}-{i:05d}" for s in range(7) for i in range(5)]
@@ -109,7 +109,7 @@ def test_resize_continues_the_global_order_without_loss_or_repeats(small_set):
 
 def loader_batches(url: str, workers: int, rank: int, world: int, n: int, state=None, cfg_over=()):
     cfg = load_config(None, [f"data.url={url}", f"data.num_workers={workers}", "train.batch_size=3",
-                             "crops.size_crops=[32,16]", "crops.num_crops=[2,2]", "data.mix_shards=2", *cfg_over])
+                             "crops.size_crops=[32,16]", "crops.num_crops=[2,2]", "data.shuffle_window=2", *cfg_over])
     ld = build_loader(cfg, rank, world)
     if state is not None:
         ld.load_state_dict(state)
@@ -192,7 +192,7 @@ def test_s3_stream_survives_connection_resets(tmp_path, s3):
         popts = {"client_kwargs": {"endpoint_url": f"http://127.0.0.1:{server.server_address[1]}"},
                  "default_block_size": 1 << 20, "skip_instance_cache": True}
         idx = load_index(f"s3://{name}/set", popts)
-        s = ShardStream(idx, 5, 0, 1, storage_options=popts)
+        s = ShardStream(idx, 5, 0, 1, window=2, storage_options=popts)
         got = [x["__key__"] for x in (next(s) for _ in range(60)) if x["__pass__"] == 0]
         assert sorted(got) == sorted(f"s{a:04d}-{i:05d}" for a in range(3) for i in range(4))
         assert len(_FlakyProxy.broken) == 3, "every shard's first read was broken and retried"
@@ -206,7 +206,7 @@ def test_memory_stays_flat_over_a_long_stream(tmp_path):
 
     root = synthetic_set(tmp_path / "big", shards=100, per_shard=500, jpeg=tiny_jpeg(0, 8))
     idx = load_index(str(root))
-    s = ShardStream(idx, 1, 0, 1, mix=4)
+    s = ShardStream(idx, 1, 0, 1, window=4)
     for _ in range(5000):
         next(s)
 
@@ -250,7 +250,7 @@ def test_remote_shards_can_be_cached_locally_under_a_size_cap(tmp_path, s3):
     shard_bytes = (root / layout.shard_name(0, 0)).stat().st_size
     idx = load_index(f"s3://{name}/set", opts)
     cache = tmp_path / "cache"
-    s = ShardStream(idx, 2, 0, 1, mix=1, storage_options=opts, cache_dir=str(cache),
+    s = ShardStream(idx, 2, 0, 1, window=1, storage_options=opts, cache_dir=str(cache),
                     cache_max_bytes=int(2.5 * shard_bytes))
     got = [x["__key__"] for x in (next(s) for _ in range(18))]
     assert sorted(got) == sorted(f"s{a:04d}-{i:05d}" for a in range(6) for i in range(3))

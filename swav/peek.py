@@ -1,0 +1,72 @@
+"""`swav shards peek`: what the trainer's batches hold, through the training loader's own split.
+
+Each rank's loader is built exactly as ``swav pretrain`` builds it (same seed, shard order, shuffle
+window, ranks x workers), but its batches carry each sample's source URL instead of crops. The
+summary compares the distinct source folders per batch with what an i.i.d. batch of the same size
+would hold, given the folder frequencies seen.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from typing import Any, TextIO
+
+from swav.data import build_loader
+
+
+def folder(url: str) -> str:
+    """The source folder of a sample (for `<tar>#<key>` names, the key's folder inside the tar)."""
+    head, _, key = url.partition("#")
+    path = f"{head}#{key}" if key and "/" in key else head
+    return path.rsplit("/", 1)[0] if "/" in path else path
+
+
+def peek_batches(cfg: Any, ranks: int, batches: int, out: TextIO | None = None) -> list[dict]:
+    """The first `batches` batches of every rank, in delivery order: {rank, batch, urls, shards}."""
+    rows = []
+    for rank in range(ranks):
+        loader = build_loader(cfg, rank, ranks, describe=True)
+        it = iter(loader)
+        for b in range(batches):
+            got = next(it)
+            row = {"rank": rank, "batch": b, "urls": got["urls"], "shards": got["shards"]}
+            rows.append(row)
+            if out is not None:
+                out.write(json.dumps({"rank": rank, "batch": b, "urls": got["urls"]}) + "\n")
+        del it, loader
+    return rows
+
+
+def iid_expected(counts: Counter, batch: int) -> float:
+    """Distinct folders expected in a batch drawn i.i.d. from these folder frequencies."""
+    total = sum(counts.values())
+    return sum(1.0 - (1.0 - n / total) ** batch for n in counts.values())
+
+
+def summarise(rows: list[dict]) -> dict:
+    per_batch = [len({folder(u) for u in r["urls"]}) for r in rows]
+    shards = [len(set(r["shards"])) for r in rows]
+    counts = Counter(folder(u) for r in rows for u in r["urls"])
+    batch = len(rows[0]["urls"]) if rows else 0
+    urls = [u for r in rows for u in r["urls"]]
+    return {"batches": len(rows), "batch_size": batch, "folders_seen": len(counts),
+            "folders_per_batch_mean": sum(per_batch) / max(1, len(per_batch)),
+            "folders_per_batch_min": min(per_batch, default=0),
+            "folders_per_batch_iid": iid_expected(counts, batch) if counts else 0.0,
+            "shards_per_batch_mean": sum(shards) / max(1, len(shards)),
+            "repeated_samples": len(urls) - len(set(urls))}
+
+
+def format_summary(s: dict) -> str:
+    lines = [f"{s['batches']} batches of {s['batch_size']}",
+             f"source folders per batch: mean {s['folders_per_batch_mean']:.2f}, min {s['folders_per_batch_min']} "
+             f"(an i.i.d. batch would hold {s['folders_per_batch_iid']:.2f} of the {s['folders_seen']} seen)",
+             f"shards per batch: mean {s['shards_per_batch_mean']:.1f}",
+             f"samples seen twice across these batches: {s['repeated_samples']}"]
+    if s["folders_per_batch_iid"] and s["folders_per_batch_mean"] < 0.8 * s["folders_per_batch_iid"]:
+        lines.append("warning: batches cover far fewer folders than i.i.d. batches would; SwAV's per-batch "
+                     "equipartition will split folders. Rebuild the set (shuffled pack order) or raise "
+                     "data.shuffle_window.")
+    return "\n".join(lines)
+
