@@ -14,16 +14,16 @@ from swav.engine import build_engine, build_model, set_step_hyperparams
 from swav.loss import swav_loss
 
 
-def main(stage: int, out: str, steps: int, freeze: int, optim: str) -> None:
+def main(stage: int, out: str, steps: int, freeze: int, optim: str, data_seed: int = 0) -> None:
     rank, world, _ = distributed.init()
     cfg = load_config(None, [f"deepspeed.zero_stage={stage}", "model.arch=resnet50w0.0625", "model.hidden_mlp=64",
                              "model.feat_dim=16", "model.num_prototypes=[30,20]" if optim == "adamw" else
                              "model.num_prototypes=30", "train.batch_size=4", f"optim.name={optim}",
-                             "optim.base_lr=0.5", "optim.weight_decay=0.01", "seed=5"])
+                             "optim.base_lr=0.5", "optim.weight_decay=0.01", f"seed={5 + data_seed}"])
     torch.manual_seed(cfg.seed)
     model = build_model(cfg, False, world)
     engine, opt = build_engine(cfg, model, world)
-    gen = torch.Generator().manual_seed(100 + rank)
+    gen = torch.Generator().manual_seed(100 + 1000 * data_seed + rank)
     record = []
     for step in range(steps):
         set_step_hyperparams(opt, 0.5, freeze_prototypes=step < freeze)
@@ -44,4 +44,5 @@ def main(stage: int, out: str, steps: int, freeze: int, optim: str) -> None:
 
 
 if __name__ == "__main__":
-    main(int(sys.argv[1]), sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5] if len(sys.argv) > 5 else "lars")
+    main(int(sys.argv[1]), sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5] if len(sys.argv) > 5 else "lars",
+         int(sys.argv[6]) if len(sys.argv) > 6 else 0)

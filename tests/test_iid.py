@@ -1,0 +1,169 @@
+"""Batches are fair samples of a folder-ordered bucket: shuffled pack order, parts, the shuffle window, peek.
+
+The bucket is the real, labelled digits dataset as one folder per class, which is the worst listing
+order a bucket can have: packed in listing order, every shard would hold one or two classes.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from conftest import swav_cli
+from pipeline.build import BuildConfig, build, build_part
+from pipeline.merge import merge
+from shards import layout
+from shards.index import load_index
+from shards.tario import iter_samples
+from swav.config import load_config
+from swav.peek import peek_batches, summarise
+
+# Largest per-shard total-variation distance between a 128-sample shard's class histogram and the
+# bucket's, over 50 pack-order seeds (simulated from pipeline.order.order_key): min 0.114, mean 0.150,
+# max 0.229, sd 0.020. The bound is 7 sd above the mean; listing order gives 0.80 or more for every shard.
+SHARD_TV_BOUND = 0.3
+# Classes per batch of 64 from 20 one-class shards of 40, 2 ranks x 10 batches, seeds 0-9: window 16
+# gave 7.9-9.95 (mean 9.0, sd 0.7), window 1 gave 2.2-2.4. Bounds 3.5 sd below / above the spread.
+WINDOW16_MIN_CLASSES = 6.5
+WINDOW1_MAX_CLASSES = 3.0
+
+
+@pytest.fixture(scope="module")
+def digits(tmp_path_factory):
+    from pipeline.samplebucket import digits_folder
+
+    root = tmp_path_factory.mktemp("iid")
+    digits_folder(root / "digits", size=32)
+    return root / "digits"
+
+
+@pytest.fixture(scope="module")
+def digit_set(digits, tmp_path_factory):
+    dst = tmp_path_factory.mktemp("iid-set") / "set"
+    build(str(digits), str(dst), BuildConfig(samples_per_shard=128, workers=1), progress=False)
+    return dst
+
+
+def label(url: str, src: Path) -> int:
+    return int(url[len(str(src)) + 1:].split("/")[0])
+
+
+def shard_labels(dst: Path, src: Path) -> dict[str, list[int]]:
+    out = {}
+    for tar in sorted((dst / "shards").glob("*.tar")):
+        with open(tar, "rb") as f:
+            out[tar.name] = [label(json.loads(s["json"])["url"], src) for s in iter_samples(f)]
+    return out
+
+
+def tv(labels: list[int], ref: Counter) -> float:
+    c, n, total = Counter(labels), len(labels), sum(ref.values())
+    return 0.5 * sum(abs(c[k] / n - ref[k] / total) for k in ref)
+
+
+def test_every_shard_is_a_fair_sample_of_a_folder_ordered_bucket(digits, digit_set):
+    shards = shard_labels(digit_set, digits)
+    bucket = Counter(x for labels in shards.values() for x in labels)
+    assert sum(bucket.values()) == 1797 and len(bucket) == 10
+    full = [name for name, labels in shards.items() if len(labels) == 128]
+    assert len(full) == 14
+    worst = max(tv(shards[name], bucket) for name in full)
+    assert worst < SHARD_TV_BOUND, worst
+    assert load_index(str(digit_set)).record["config"]["seed"] == 0
+
+
+def test_the_pack_order_is_seeded_and_rebuilds_identically(digits, digit_set, tmp_path):
+    same = tmp_path / "same"
+    build(str(digits), str(same), BuildConfig(samples_per_shard=128, workers=1), progress=False)
+    for tar in (digit_set / "shards").glob("*.tar"):
+        assert (same / "shards" / tar.name).read_bytes() == tar.read_bytes()
+    other = tmp_path / "other"
+    build(str(digits), str(other), BuildConfig(samples_per_shard=128, workers=1, seed=7), progress=False)
+    assert load_index(str(other)).record["config"]["seed"] == 7
+    a, b = shard_labels(digit_set, digits), shard_labels(other, digits)
+    assert a != b and sorted(sum(a.values(), [])) == sorted(sum(b.values(), []))
+
+
+def test_parts_are_disjoint_fair_samples(digits, tmp_path):
+    dst = tmp_path / "parts"
+    for part in range(3):
+        build_part(str(digits), str(dst), BuildConfig(samples_per_shard=128, workers=1, part=part, num_parts=3),
+                   progress=False)
+    merge(str(dst), 3)
+    shards = shard_labels(dst, digits)
+    bucket = Counter(x for labels in shards.values() for x in labels)
+    assert sum(bucket.values()) == 1797, "parts together hold every object exactly once"
+    for part in range(3):
+        labels = [x for name, ls in shards.items() if name.startswith(f"p{part:05d}") for x in ls]
+        assert 500 < len(labels) < 700
+        # ~600 draws: the TV of a part's histogram is a few hundredths; a folder-split part would be ~0.7.
+        assert tv(labels, bucket) < 0.1, part
+        assert (dst / layout.snapshot_record_name(part, 3)).exists()
+
+
+def peek_cfg(url: Path, workers: int, *extra: str):
+    return load_config(None, [f"data.url={url}", f"data.num_workers={workers}", "train.batch_size=64", "seed=3",
+                              *extra])
+
+
+def classes_per_batch(rows: list[dict], src: Path) -> list[int]:
+    return [len({label(u, src) for u in r["urls"]}) for r in rows]
+
+
+@pytest.mark.parametrize("workers,ranks", [(0, 1), (2, 1), (0, 2), (2, 2)])
+def test_peek_batches_hold_nearly_every_class(digits, digit_set, workers, ranks):
+    rows = peek_batches(peek_cfg(digit_set, workers), ranks, 8)
+    assert len(rows) == 8 * ranks and {r["rank"] for r in rows} == set(range(ranks))
+    per_batch = classes_per_batch(rows, digits)
+    assert sum(per_batch) / len(per_batch) >= 9.5, per_batch
+    s = summarise(rows)
+    assert s["folders_per_batch_mean"] == sum(per_batch) / len(per_batch)
+    assert s["folders_per_batch_iid"] > 9.9
+
+
+def test_peek_cli_writes_one_line_per_batch(digit_set, tmp_path):
+    out = tmp_path / "peek.jsonl"
+    r = swav_cli("shards", "peek", str(digit_set), "train.batch_size=64", "--ranks", "2", "--workers", "2",
+                 "--batches", "3", "--out", str(out))
+    assert r.returncode == 0, r.stderr[-2000:]
+    lines = [json.loads(x) for x in out.read_text().splitlines()]
+    assert [(x["rank"], x["batch"]) for x in lines] == [(r, b) for r in range(2) for b in range(3)]
+    assert all(len(x["urls"]) == 64 and set(x) == {"rank", "batch", "urls"} for x in lines)
+    assert "source folders per batch" in r.stdout and "i.i.d. batch would hold" in r.stdout
+
+
+def folder_ordered_set(root: Path, classes: int = 10, shards_per_class: int = 2, per_shard: int = 40) -> Path:
+    """Tars written by someone else in listing order: every shard holds one class (one folder)."""
+    import hashlib
+
+    from shards.manifest import INDEX_SCHEMA, to_parquet_bytes
+    from shards.tario import write_tar
+
+    entries = []
+    for s in range(classes * shards_per_class):
+        c = s // shards_per_class
+        samples = [{"__key__": f"c{c}-{s}-{i}", "jpg": b"not decoded by peek",
+                    "json": json.dumps({"url": f"mem://bucket/{c}/{s}-{i}.jpg"}).encode()} for i in range(per_shard)]
+        data = write_tar(samples)
+        name = layout.shard_name(0, s)
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_bytes(data)
+        entries.append({"name": name, "samples": per_shard, "bytes": len(data),
+                        "sha256": hashlib.sha256(data).hexdigest()})
+    (root / layout.INDEX).write_bytes(to_parquet_bytes(entries, INDEX_SCHEMA))
+    (root / layout.BUILD_RECORD).write_text(json.dumps({"counts": {}}))
+    return root
+
+
+def test_the_shuffle_window_mixes_even_one_class_per_shard(tmp_path):
+    root = folder_ordered_set(tmp_path / "set")
+    mean = {}
+    for window in (1, 16):
+        rows = peek_batches(peek_cfg(root, 0, f"data.shuffle_window={window}"), 2, 10)
+        per_batch = [len({u.split("/")[3] for u in r["urls"]}) for r in rows]
+        mean[window] = sum(per_batch) / len(per_batch)
+    assert mean[1] <= WINDOW1_MAX_CLASSES, mean
+    assert mean[16] >= WINDOW16_MIN_CLASSES, mean
