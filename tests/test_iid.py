@@ -167,3 +167,12 @@ def test_the_shuffle_window_mixes_even_one_class_per_shard(tmp_path):
         mean[window] = sum(per_batch) / len(per_batch)
     assert mean[1] <= WINDOW1_MAX_CLASSES, mean
     assert mean[16] >= WINDOW16_MIN_CLASSES, mean
+
+
+def test_the_old_mix_shards_key_names_its_new_name():
+    from shards.errors import UserError
+
+    with pytest.raises(UserError, match="'data.mix_shards' is now 'data.shuffle_window'"):
+        load_config(None, ["data.mix_shards=4"])
+    with pytest.raises(UserError, match="data.shuffle_window must be >= 1"):
+        load_config(None, ["data.shuffle_window=0"])

@@ -109,7 +109,7 @@ def test_resize_continues_the_global_order_without_loss_or_repeats(small_set):
 
 def loader_batches(url: str, workers: int, rank: int, world: int, n: int, state=None, cfg_over=()):
     cfg = load_config(None, [f"data.url={url}", f"data.num_workers={workers}", "train.batch_size=3",
-                             "crops.size_crops=[32,16]", "crops.num_crops=[2,2]", "data.shuffle_window=2", *cfg_over])
+                             "crops.size_crops=[32,16]", "crops.num_crops=[2,2]", *cfg_over])
     ld = build_loader(cfg, rank, world)
     if state is not None:
         ld.load_state_dict(state)
@@ -118,12 +118,13 @@ def loader_batches(url: str, workers: int, rank: int, world: int, n: int, state=
     return out, ld.state_dict()
 
 
-@pytest.mark.parametrize("workers,world", [(0, 1), (2, 1), (0, 2), (2, 2)])
-def test_loader_state_round_trip_gives_identical_batches(small_set, workers, world):
+@pytest.mark.parametrize("workers,world,window", [(0, 1, 2), (2, 1, 2), (0, 2, 2), (2, 2, 2), (2, 2, 16), (0, 1, 16)])
+def test_loader_state_round_trip_gives_identical_batches(small_set, workers, world, window):
     rank = world - 1
-    full, _ = loader_batches(str(small_set), workers, rank, world, 9)
-    first, state = loader_batches(str(small_set), workers, rank, world, 4)
-    rest, _ = loader_batches(str(small_set), workers, rank, world, 5, state=state)
+    over = [f"data.shuffle_window={window}"]
+    full, _ = loader_batches(str(small_set), workers, rank, world, 9, cfg_over=over)
+    first, state = loader_batches(str(small_set), workers, rank, world, 4, cfg_over=over)
+    rest, _ = loader_batches(str(small_set), workers, rank, world, 5, state=state, cfg_over=over)
     for a, b in zip(full, first + rest):
         assert a.keys == b.keys
         for x, y in zip(a.images, b.images):

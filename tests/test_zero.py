@@ -30,14 +30,25 @@ def test_zero_0_and_2_are_bitwise_equal_on_one_rank(tmp_path):
         assert max_rel_diff(a["params"], b["params"]) == 0.0
 
 
+# ZeRO-0 vs ZeRO-1/2, LARS, 2 ranks, 4 steps (prototypes frozen for 2), measured over data seeds 0-5
+# (tests/dist/zero_steps.py's last argument) on this machine kind:
+#   params, max relative difference per step: step 0 <= 3.3e-8, step 1 <= 1.9e-7, step 2 <= 1.4e-4, step 3 <= 1.7e-3
+#   loss, relative difference per step:       steps 0-1 = 0,   step 2 <= 1.0e-6,  step 3 <= 4.2e-4
+# Step 0 starts from identical weights, so only the order of the gradient reduction differs: that bound
+# stays tight. After it LARS's per-layer trust ratio ||w|| / ||g|| amplifies those last-bit differences on
+# near-zero gradients, and more once the prototypes unfreeze (step 2); the spread over seeds spans more
+# than a decade. The later bounds are 10x the largest difference measured over the six seeds.
+LARS_PARAM_BOUND = (1e-6, 2e-6, 2e-3, 2e-2)
+LARS_LOSS_BOUND = (1e-6, 1e-6, 1e-5, 5e-3)
+
+
 def test_zero_0_1_2_agree_on_two_ranks(tmp_path):
     runs = {s: run_stage(tmp_path, s, 2) for s in (0, 1, 2)}
     for stage in (1, 2):
         for step, (a, b) in enumerate(zip(runs[0], runs[stage])):
-            # Reduction order differs across stages; LARS's per-layer normalisation amplifies that
-            # float noise on near-zero gradients a little each step, so the bound widens with steps.
-            assert abs(a["loss"] - b["loss"]) <= 1e-4 * abs(a["loss"]), (stage, step)
-            assert max_rel_diff(a["params"], b["params"]) < (1e-5 if step < 3 else 2e-3), (stage, step)
+            assert abs(a["loss"] - b["loss"]) <= LARS_LOSS_BOUND[step] * abs(a["loss"]), (stage, step)
+            assert max_rel_diff(a["params"], b["params"]) < LARS_PARAM_BOUND[step], (stage, step)
+    # Plain momentum SGD has no per-layer normalisation to amplify rounding: a tight bound at every step.
     sgd = {s: run_stage(tmp_path, s, 2, optim="sgd") for s in (0, 2)}
     for a, b in zip(sgd[0], sgd[2]):
         assert max_rel_diff(a["params"], b["params"]) < 1e-5
