@@ -20,6 +20,7 @@ from shards.index import load_index
 from shards.tario import iter_samples
 from swav.config import load_config
 from swav.peek import peek_batches, summarise
+from test_stream import synthetic_set
 
 # Largest per-shard total-variation distance between a 128-sample shard's class histogram and the
 # bucket's, over 50 pack-order seeds (simulated from pipeline.order.order_key): min 0.114, mean 0.150,
@@ -135,35 +136,13 @@ def test_peek_cli_writes_one_line_per_batch(digit_set, tmp_path):
     assert "source folders per batch" in r.stdout and "i.i.d. batch would hold" in r.stdout
 
 
-def folder_ordered_set(root: Path, classes: int = 10, shards_per_class: int = 2, per_shard: int = 40) -> Path:
-    """Tars written by someone else in listing order: every shard holds one class (one folder)."""
-    import hashlib
-
-    from shards.manifest import INDEX_SCHEMA, to_parquet_bytes
-    from shards.tario import write_tar
-
-    entries = []
-    for s in range(classes * shards_per_class):
-        c = s // shards_per_class
-        samples = [{"__key__": f"c{c}-{s}-{i}", "jpg": b"not decoded by peek",
-                    "json": json.dumps({"url": f"mem://bucket/{c}/{s}-{i}.jpg"}).encode()} for i in range(per_shard)]
-        data = write_tar(samples)
-        name = layout.shard_name(0, s)
-        (root / name).parent.mkdir(parents=True, exist_ok=True)
-        (root / name).write_bytes(data)
-        entries.append({"name": name, "samples": per_shard, "bytes": len(data),
-                        "sha256": hashlib.sha256(data).hexdigest()})
-    (root / layout.INDEX).write_bytes(to_parquet_bytes(entries, INDEX_SCHEMA))
-    (root / layout.BUILD_RECORD).write_text(json.dumps({"counts": {}}))
-    return root
-
-
 def test_the_shuffle_window_mixes_even_one_class_per_shard(tmp_path):
-    root = folder_ordered_set(tmp_path / "set")
+    # Tars written by someone else in listing order: shard s holds only class s // 2 (its url mem://s/i).
+    root = synthetic_set(tmp_path / "set", shards=20, per_shard=40, jpeg=b"not decoded by peek")
     mean = {}
     for window in (1, 16):
         rows = peek_batches(peek_cfg(root, 0, f"data.shuffle_window={window}"), 2, 10)
-        per_batch = [len({u.split("/")[3] for u in r["urls"]}) for r in rows]
+        per_batch = [len({int(u.split("/")[2]) // 2 for u in r["urls"]}) for r in rows]
         mean[window] = sum(per_batch) / len(per_batch)
     assert mean[1] <= WINDOW1_MAX_CLASSES, mean
     assert mean[16] >= WINDOW16_MIN_CLASSES, mean
