@@ -21,8 +21,11 @@ import io
 import json
 import logging
 import multiprocessing
+import os
+import threading
 import time
 from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from typing import Iterator
 
@@ -32,7 +35,7 @@ from tqdm import tqdm
 import shards
 from pipeline.listing import SourceObject, walk
 from pipeline.order import in_order, write_snapshot
-from pipeline.normalise import NormaliseConfig, normalise
+from pipeline.normalise import NormaliseConfig, decode_job
 from shards import layout
 from shards.errors import UserError
 from shards.manifest import ACCEPTED, MANIFEST_SCHEMA, REJECTED, from_parquet_bytes, to_parquet_bytes
@@ -193,29 +196,76 @@ def _read_object(fs, obj: SourceObject) -> bytes:
     return read_bytes(fs, obj.path, f"read {obj.url}")
 
 
+class ReadFault(UserError):
+    """A read that still failed after its retries: the build stops, and the rerun retries the object."""
+
+
+def _read_failure(obj: SourceObject, exc: Exception) -> dict:
+    """A vanished object is a rejection; anything else stops the build with a one-line error.
+
+    A fault is not a property of the object: committing it as a rejection would make two runs that
+    met different throttling publish different shard sets. Stopping keeps every committed shard, and
+    the rerun continues from the first uncommitted one.
+    """
+    if isinstance(exc, FileNotFoundError):
+        return {"status": "rejected", "reason": "missing", "detail": "listed, but gone when read"}
+    err = explain(exc, obj.url)
+    if isinstance(exc, PermissionError) or str(err).startswith(("access denied", "no credentials")):
+        raise err from None
+    raise ReadFault(f"reading {obj.url} failed after retries ({type(exc).__name__}); the shards committed so far "
+                    f"are kept: rerun the same command to continue") from None
+
+
 class _Processor:
-    """Reads with threads and decodes with processes, yielding results in listing order."""
+    """Reads with threads and decodes with processes, yielding results in pack order.
+
+    A decoder process that dies (OOM killer, a segfault in a codec) breaks the whole pool, so every
+    object in flight sees the crash. The pool is replaced, and each of those objects is decoded once
+    more in a process of its own: a bystander decodes there as usual, and only an object that kills
+    its decoder a second time is rejected (decoder_crash).
+    """
 
     def __init__(self, fs, cfg: BuildConfig):
         self.fs, self.ncfg = fs, cfg.normalise
-        workers = cfg.workers or multiprocessing.cpu_count()
+        self.workers = cfg.workers or usable_cpus()
         # forkserver: workers fork from a clean server that has already imported the decoder, so they
         # start in milliseconds (spawn re-imports everything per worker) and inherit none of our threads.
-        ctx = multiprocessing.get_context("forkserver")
-        ctx.set_forkserver_preload(["pipeline.normalise"])
-        self.procs = ProcessPoolExecutor(workers, mp_context=ctx)
-        self.threads = ThreadPoolExecutor(max(cfg.io_threads, workers))
-        self.window = max(4 * workers, cfg.io_threads * 2)
+        self.ctx = multiprocessing.get_context("forkserver")
+        self.ctx.set_forkserver_preload(["pipeline.normalise"])
+        self.procs = ProcessPoolExecutor(self.workers, mp_context=self.ctx)
+        self.threads = ThreadPoolExecutor(max(cfg.io_threads, self.workers))
+        self.window = max(4 * self.workers, cfg.io_threads * 2)
+        self.lock = threading.Lock()
+        self.pools_replaced = 0
 
     def _task(self, obj: SourceObject) -> tuple[SourceObject, dict]:
         try:
             data = _read_object(self.fs, obj)
-        except Exception as e:  # noqa: BLE001 - a failed read is a counted rejection, not a crash
-            return obj, {"status": "rejected", "reason": "read_error", "detail": f"{type(e).__name__}: {e}"[:300]}
+        except Exception as e:  # noqa: BLE001 - classified: a rejection, or a stop
+            return obj, _read_failure(obj, e)
+        return obj, self._decode(data, obj)
+
+    def _decode(self, data: bytes, obj: SourceObject) -> dict:
+        pool = self.procs
         try:
-            return obj, self.procs.submit(normalise, data, self.ncfg).result()
-        except Exception as e:  # noqa: BLE001 - e.g. a worker killed by the OOM killer
-            return obj, {"status": "rejected", "reason": "corrupt", "detail": f"decoder crashed: {type(e).__name__}"}
+            return pool.submit(decode_job, data, self.ncfg).result()
+        except BrokenProcessPool:
+            self._replace(pool)
+        with ProcessPoolExecutor(1, mp_context=self.ctx) as solo:
+            try:
+                return solo.submit(decode_job, data, self.ncfg).result()
+            except BrokenProcessPool:
+                log.warning("%s killed its decoder twice; rejected as decoder_crash", obj.url)
+                return {"status": "rejected", "reason": "decoder_crash",
+                        "detail": "the decoder process died on this object twice"}
+
+    def _replace(self, broken: ProcessPoolExecutor) -> None:
+        with self.lock:
+            if self.procs is broken:
+                self.pools_replaced += 1
+                log.warning("a decoder process died; starting new ones and retrying the objects in flight")
+                broken.shutdown(wait=False, cancel_futures=True)
+                self.procs = ProcessPoolExecutor(self.workers, mp_context=self.ctx)
 
     def run(self, objects: Iterator[SourceObject]) -> Iterator[tuple[SourceObject, dict]]:
         pending: collections.deque[Future] = collections.deque()
@@ -229,6 +279,22 @@ class _Processor:
     def close(self) -> None:
         self.threads.shutdown(wait=True, cancel_futures=True)
         self.procs.shutdown(wait=True, cancel_futures=True)
+
+
+def usable_cpus() -> int:
+    """CPUs this process may run on: its affinity mask, capped by a cgroup CPU quota (containers)."""
+    try:
+        n = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        n = os.cpu_count() or 1
+    try:
+        with open("/sys/fs/cgroup/cpu.max", encoding="ascii") as f:
+            quota, period = f.read().split()[:2]
+        if quota != "max":
+            n = min(n, max(1, int(quota) // int(period)))
+    except (OSError, ValueError):
+        pass
+    return max(1, n)
 
 
 def open_source(src: str, options: dict | None):

@@ -21,7 +21,8 @@ REASONS = (
     "too_small",          # shorter side below the minimum
     "bad_aspect",         # longer/shorter side above the maximum ratio
     "duplicate",          # same normalised content as an earlier object
-    "read_error",         # the object could not be read from storage
+    "missing",            # listed, but gone from storage when read (a failed read is a fault, never a rejection)
+    "decoder_crash",      # killed its decoder process twice, the second time in a process of its own
 )
 
 MANIFEST_SCHEMA = pa.schema([
