@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import signal
 import warnings
 from typing import Any, Iterator
 
@@ -113,10 +114,24 @@ def build_loader(cfg: Any, rank: int, world_size: int, pin_memory: bool = False,
     kw: dict[str, Any] = {}
     if cfg.data.num_workers > 0:
         kw.update(prefetch_factor=cfg.data.prefetch_factor, persistent_workers=False,
-                  multiprocessing_context="fork" if not torch.cuda.is_available() else "spawn")
+                  multiprocessing_context="fork" if not torch.cuda.is_available() else "spawn",
+                  worker_init_fn=ignore_preemption_signals)
     warnings.filterwarnings("ignore", message=".*set_vital.*")  # torchdata's own deprecation noise
     return StatefulDataLoader(ds, batch_size=None, num_workers=cfg.data.num_workers, pin_memory=pin_memory,
                               collate_fn=_identity, **kw)
+
+
+def ignore_preemption_signals(_worker_id: int) -> None:
+    """Loader workers leave preemption to the trainer.
+
+    SLURM, Kubernetes and a terminal's Ctrl-C signal the whole process group. A worker that died of
+    SIGTERM would take the trainer down with it before its end-of-step checkpoint; ignoring the signal
+    lets the trainer finish the step, save, and shut its workers down itself.
+    """
+    for name in ("SIGTERM", "SIGINT", "SIGUSR1"):
+        sig = getattr(signal, name, None)
+        if sig is not None:
+            signal.signal(sig, signal.SIG_IGN)
 
 
 def _identity(x):

@@ -183,13 +183,16 @@ def test_config_errors_name_the_key(tmp_path):
 def test_sigterm_checkpoints_at_the_end_of_the_step_and_the_rerun_continues(shard_set, tmp_path, baselines):
     run = tmp_path / "run"
     cmd = [sys.executable, "-m", "swav.cli", *args(shard_set, run, "checkpoint.every=100")]
-    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    # As SLURM and Kubernetes do, the signal goes to the whole process group: the trainer and its
+    # data-loader worker (jobs/tiny.yaml has one) alike.
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None:
         if (run / "metrics.jsonl").exists() and max(losses(run), default=0) >= 3:
             break
         time.sleep(0.05)
-    proc.send_signal(signal.SIGTERM)
+    os.killpg(proc.pid, signal.SIGTERM)
     out, _ = proc.communicate(timeout=300)
     assert proc.returncode == 0, out[-3000:]
     assert "checkpointing at the end of this step" in out
