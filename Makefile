@@ -23,7 +23,7 @@ demo: setup
 	$(BIN)/swav demo
 
 test: setup
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q --durations=15 tests
 
 bench: setup
 	$(BIN)/python bench/run_all.py
