@@ -237,6 +237,7 @@ class _Processor:
         self.window = max(4 * self.workers, cfg.io_threads * 2)
         self.lock = threading.Lock()
         self.pools_replaced = 0
+        self.broken_workers: list[dict] = []
 
     def _task(self, obj: SourceObject) -> tuple[SourceObject, dict]:
         try:
@@ -264,6 +265,11 @@ class _Processor:
             if self.procs is broken:
                 self.pools_replaced += 1
                 log.warning("a decoder process died; starting new ones and retrying the objects in flight")
+                # A worker that another thread's submit() started while the pool was breaking is never
+                # stopped by the executor, which then waits for it forever and holds up interpreter
+                # exit. Keep the pool's process table to stop stragglers (now, and in close()).
+                self.broken_workers.append(getattr(broken, "_processes", None) or {})
+                _stop(self.broken_workers)
                 broken.shutdown(wait=False, cancel_futures=True)
                 self.procs = ProcessPoolExecutor(self.workers, mp_context=self.ctx)
 
@@ -278,7 +284,15 @@ class _Processor:
 
     def close(self) -> None:
         self.threads.shutdown(wait=True, cancel_futures=True)
+        _stop(self.broken_workers)
         self.procs.shutdown(wait=True, cancel_futures=True)
+
+
+def _stop(tables: list[dict]) -> None:
+    for table in tables:
+        for proc in list(table.values()):
+            if proc.is_alive():
+                proc.kill()
 
 
 def usable_cpus() -> int:

@@ -77,6 +77,12 @@ def test_a_sigkilled_decoder_loses_no_object(bucket, shard_set, tmp_path):
         done.set()
         killer.join()
     assert killed, "no decoder process was running to be killed"
+    # No decoder outlives the build (a broken pool's idle workers would hold up the exit of this process).
+    me = psutil.Process()
+    deadline = time.time() + 10
+    while [p for p in me.children(recursive=True) if p.ppid() != me.pid] and time.time() < deadline:
+        time.sleep(0.1)
+    assert not [p for p in me.children(recursive=True) if p.ppid() != me.pid]
     assert "decoder_crash" not in result.reasons
     # The same bytes as the clean single-worker build of the same bucket: nothing lost, nothing blamed.
     assert tree(dst) == tree(shard_set)
