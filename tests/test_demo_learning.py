@@ -22,13 +22,13 @@ SEED = 6
 STOP = 400
 LN_K = math.log(30)
 # Measured at steps 351-400 of seeds 1-5 on this machine kind (mean loss; fewest prototypes in use; kNN k=20
-# gain at step 400 over the same-seed init): loss 1.61-1.94 against ln K = 3.40 (a drop of 1.46 or more);
-# 13-19 prototypes of 30; gain +2.8 to +9.5 points (seed 1's step-400 checkpoint was not kept; seed 5:
-# see README). Bounds: a drop under a third of the smallest measured, fewer prototypes than any seed
-# used, and a gain well under the smallest measured. The failure they catch is not subtle: a run that
+# gain at step 400 over the same-seed init): loss 1.31-1.94 against ln K = 3.40 (a drop of 1.46 or more);
+# 10-19 prototypes of 30; gain +2.8 to +9.5 points (seed 1's step-400 checkpoint was not kept). Bounds: a
+# drop under a third of the smallest measured, half the fewest prototypes in use, and a gain of about a
+# third of the smallest measured. The failure they catch is not subtle: a run that
 # never leaves ln K (the old recipe on seed 4) scores 3.40, and its trunk drops 25-28 points below its init.
 MIN_LOSS_DROP = 0.4
-MIN_PROTOTYPES = 10
+MIN_PROTOTYPES = 5
 MIN_KNN_GAIN = 1.0
 
 
