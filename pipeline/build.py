@@ -236,7 +236,6 @@ class _Processor:
         self.threads = ThreadPoolExecutor(max(cfg.io_threads, self.workers))
         self.window = max(4 * self.workers, cfg.io_threads * 2)
         self.lock = threading.Lock()
-        self.pools_replaced = 0
         self.broken_workers: list[dict] = []
 
     def _task(self, obj: SourceObject) -> tuple[SourceObject, dict]:
@@ -263,7 +262,6 @@ class _Processor:
     def _replace(self, broken: ProcessPoolExecutor) -> None:
         with self.lock:
             if self.procs is broken:
-                self.pools_replaced += 1
                 log.warning("a decoder process died; starting new ones and retrying the objects in flight")
                 # A worker that another thread's submit() started while the pool was breaking is never
                 # stopped by the executor, which then waits for it forever and holds up interpreter

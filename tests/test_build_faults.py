@@ -28,8 +28,7 @@ from pipeline.build import BuildConfig, build
 def tree(root: Path) -> dict[str, bytes]:
     """Published bytes of a shard set: tars, manifests and index (build.json has a timestamp)."""
     return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*"))
-            if p.is_file() and (p.suffix == ".tar" or p.name.startswith(("manifest", "index"))
-                                or "manifest/" in str(p.relative_to(root)))}
+            if p.is_file() and (p.suffix == ".tar" or p.parent.name == "manifest" or p.name == "index.parquet")}
 
 
 def reasons(root: Path) -> dict[str, int]:
