@@ -29,12 +29,14 @@ from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from typing import Iterator
 
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
 import shards
 from pipeline.listing import SourceObject, walk
-from pipeline.order import in_order, write_snapshot
+from pipeline.fromlist import from_list
+from pipeline.order import in_order, write_additions, write_snapshot
 from pipeline.normalise import NormaliseConfig, decode_job
 from shards import layout
 from shards.errors import UserError
@@ -57,11 +59,13 @@ class BuildConfig:
     num_parts: int = 1
     seed: int = 0               # pack order; part of the output, recorded in build.json
     normalise: NormaliseConfig = field(default_factory=NormaliseConfig)
+    incremental: bool = False   # a finished part gains the objects its snapshots do not hold yet
+    from_list: str | None = None  # a ready listing (parquet/CSV of URLs or keys) instead of listing SRC
 
     def fingerprint(self) -> dict:
-        """The settings that change output bytes (workers/threads do not)."""
+        """The settings that change output bytes (workers, threads and how the listing is obtained do not)."""
         d = dataclasses.asdict(self)
-        for k in ("workers", "io_threads", "part"):
+        for k in ("workers", "io_threads", "part", "incremental", "from_list"):
             d.pop(k)
         return d
 
@@ -76,6 +80,8 @@ class PartResult:
     resumed_shards: int = 0
     seconds: float = 0.0
     already_complete: bool = False
+    generation: int = 0         # 0: the first build; g > 0: the g-th incremental addition
+    added_inputs: int = 0       # inputs of this generation (all of them for generation 0)
 
     @property
     def rejected(self) -> int:
@@ -98,16 +104,19 @@ def _check_part(cfg: BuildConfig) -> None:
 class _PartWriter:
     """Accumulates rows and samples for the shard being built and commits it."""
 
-    def __init__(self, fs, root: str, cfg: BuildConfig, number: int, seen: set[str], result: PartResult):
+    def __init__(self, fs, root: str, cfg: BuildConfig, number: int, seen: set[str], result: PartResult,
+                 generation: int = 0):
         self.fs, self.root, self.cfg = fs, root, cfg
         self.number, self.seen, self.result = number, seen, result
+        self.generation = generation
         self.rows: list[dict] = []
         self.samples: list[dict] = []
         self.nbytes = 0
 
     def add(self, obj: SourceObject, out: dict) -> None:
         self.result.inputs += 1
-        row = {"list_pos": obj.pos, "url": obj.url, "size": obj.size, "status": REJECTED,
+        self.result.added_inputs += 1
+        row = {"list_pos": obj.pos, "url": obj.url, "size": out.get("size", obj.size), "status": REJECTED,
                "reason": out.get("reason"), "detail": out.get("detail"), "key": None, "shard": None,
                "sha256": out.get("sha256"), "width": out.get("width"), "height": out.get("height"),
                "out_bytes": None}
@@ -121,7 +130,7 @@ class _PartWriter:
                                  "json": json.dumps(meta, sort_keys=True).encode("utf-8")})
             self.nbytes += len(out["jpg"])
             self.seen.add(out["sha256"])
-            row.update(status=ACCEPTED, key=key, shard=layout.shard_name(self.cfg.part, self.number),
+            row.update(status=ACCEPTED, key=key, shard=self._name(),
                        out_bytes=len(out["jpg"]))
             self.result.accepted += 1
         if row["status"] == REJECTED:
@@ -133,8 +142,10 @@ class _PartWriter:
     def commit(self) -> None:
         if not self.rows:
             return
-        name = layout.shard_name(self.cfg.part, self.number)
+        name = self._name()
         entry = {"name": name, "samples": len(self.samples), "bytes": 0, "sha256": None}
+        if self.generation:
+            entry["generation"] = self.generation  # merge keeps an earlier generation's copy of a duplicate
         if self.samples:
             data = write_tar(self.samples)
             entry.update(bytes=len(data), sha256=hashlib.sha256(data).hexdigest())
@@ -142,12 +153,15 @@ class _PartWriter:
         manifest = to_parquet_bytes(self.rows, MANIFEST_SCHEMA)
         # The manifest's key-value metadata carries the shard entry: committing it commits the shard.
         table = from_parquet_bytes(manifest).replace_schema_metadata({"shard": json.dumps(entry)})
-        write_bytes(self.fs, join(self.root, layout.manifest_name(self.cfg.part, self.number)),
+        write_bytes(self.fs, join(self.root, layout.manifest_name(self.cfg.part, self.cfg.num_parts, self.number)),
                     _table_bytes(table))
         if entry["samples"]:
             self.result.shards.append(entry)
         self.number += 1
         self.rows, self.samples, self.nbytes = [], [], 0
+
+    def _name(self) -> str:
+        return layout.shard_name(self.cfg.part, self.cfg.num_parts, self.number)
 
 
 def _table_bytes(table) -> bytes:
@@ -168,7 +182,7 @@ def _recover(fs, root: str, cfg: BuildConfig, result: PartResult) -> tuple[int, 
     seen: set[str] = set()
     number = 0
     while True:
-        path = join(root, layout.manifest_name(cfg.part, number))
+        path = join(root, layout.manifest_name(cfg.part, cfg.num_parts, number))
         if not with_retries(lambda: fs.exists(path), f"stat {path}"):
             break
         table, entry = read_manifest(fs, path)
@@ -179,14 +193,12 @@ def _recover(fs, root: str, cfg: BuildConfig, result: PartResult) -> tuple[int, 
             if not fs.exists(tar_path) or fs.size(tar_path) != entry["bytes"]:
                 break
             result.shards.append(entry)
-        cols = table.to_pydict()
-        for status, reason, sha in zip(cols["status"], cols["reason"], cols["sha256"]):
-            result.inputs += 1
-            if status == ACCEPTED:
-                seen.add(sha)
-                result.accepted += 1
-            else:
-                result.reasons[reason] = result.reasons.get(reason, 0) + 1
+        accepted = pc.equal(table["status"], ACCEPTED)
+        seen.update(table["sha256"].filter(accepted).to_pylist())
+        result.inputs += table.num_rows
+        result.accepted += pc.sum(accepted).as_py() or 0
+        for item in pc.value_counts(table["reason"].filter(pc.invert(accepted))).to_pylist():
+            result.reasons[item["values"]] = result.reasons.get(item["values"], 0) + item["counts"]
         number += 1
     result.resumed_shards = number
     return number, seen
@@ -243,7 +255,7 @@ class _Processor:
             data = _read_object(self.fs, obj)
         except Exception as e:  # noqa: BLE001 - classified: a rejection, or a stop
             return obj, _read_failure(obj, e)
-        return obj, self._decode(data, obj)
+        return obj, {**self._decode(data, obj), "size": len(data)}
 
     def _decode(self, data: bytes, obj: SourceObject) -> dict:
         pool = self.procs
@@ -309,8 +321,11 @@ def usable_cpus() -> int:
     return max(1, n)
 
 
-def open_source(src: str, options: dict | None):
+def open_source(src: str, options: dict | None, listed: bool = True):
+    """(filesystem, root) of the source; with listed, also checks that it is a prefix holding objects."""
     fs, root = get_fs(src, options)
+    if not listed:
+        return fs, root.rstrip("/")
     try:
         if not with_retries(lambda: fs.isdir(root), f"stat {src}"):
             if with_retries(lambda: fs.exists(root), f"stat {src}"):
@@ -327,48 +342,72 @@ def open_source(src: str, options: dict | None):
 
 def build_part(src: str, dst: str, cfg: BuildConfig, src_options: dict | None = None,
                dst_options: dict | None = None, progress: bool = True) -> PartResult:
-    """Build one part (all of it when num_parts == 1) of a shard set. Idempotent."""
+    """Build one part (all of it when num_parts == 1) of a shard set. Idempotent.
+
+    With cfg.incremental, a finished part lists the source again and packs only the objects that no
+    earlier snapshot of it holds, as new shards after its last one (a new generation).
+    """
     _check_part(cfg)
     start = time.time()
-    fs, root = open_source(src, src_options)
+    fs, root = open_source(src, src_options, listed=cfg.from_list is None)
     dfs, droot = get_fs(dst, dst_options)
     result = PartResult(part=cfg.part)
     record_path = join(droot, layout.part_record_name(cfg.part, cfg.num_parts))
     config_path = record_path.replace(".json", ".config.json")
     # Through JSON once, so it compares equal to the copy read back from storage (tuples become lists).
     fingerprint = json.loads(json.dumps({"source": src, "config": cfg.fingerprint()}))
+    generation = 0
     try:
+        _check_layout(dfs, droot, dst, cfg)
         if dfs.exists(record_path):
             rec = read_json(dfs, record_path)
-            if rec.get("fingerprint") == fingerprint:
+            if rec.get("fingerprint") != fingerprint:
+                raise UserError(f"{dst} already holds part {cfg.part}/{cfg.num_parts} built with other settings")
+            if not cfg.incremental:
                 done = PartResult(**{k: rec[k] for k in ("part", "inputs", "accepted", "reasons", "shards")})
                 done.already_complete = True
                 return done
-            raise UserError(f"{dst} already holds part {cfg.part}/{cfg.num_parts} built with other settings")
-        if dfs.exists(config_path) and read_json(dfs, config_path) != fingerprint:
+            generation = rec.get("generations", 1)
+        elif dfs.exists(config_path) and read_json(dfs, config_path) != fingerprint:
             raise UserError(f"{dst} holds a partial build with other settings; use a new destination")
-        write_json(dfs, config_path, fingerprint)
+        else:
+            write_json(dfs, config_path, fingerprint)
     except UserError:
         raise
     except Exception as e:  # noqa: BLE001
         raise explain(e, dst) from None
 
-    remove_stale_temporaries(dfs, droot)
-    snapshot = _snapshot(fs, root, src, dfs, droot, cfg, fingerprint)
+    # Only this part's own leftovers: another part (or a copy of this one) may be writing right now.
+    remove_stale_temporaries(dfs, droot, layout.part_stem(cfg.part, cfg.num_parts))
+    def listing() -> Iterator[SourceObject]:
+        if cfg.from_list:
+            return from_list(cfg.from_list, src, fs, root, src_options)
+        return walk(fs, root, src.rstrip("/"))
+
+    snapshots = [_snapshot(listing, src, dfs, droot, cfg, fingerprint, g) for g in range(generation + 1)]
     number, seen = _recover(dfs, droot, cfg, result)
+    earlier = sum(s["rows"] for s in snapshots[:-1])
+    current = snapshots[-1]
+    done_here = result.inputs - earlier
+    if not 0 <= done_here <= current["rows"]:
+        raise UserError(f"{dst}: part {cfg.part}/{cfg.num_parts} has {result.inputs} committed inputs, which its "
+                        f"listing snapshots ({earlier} + {current['rows']} objects) cannot explain; use a new "
+                        f"destination")
     if number:
         log.info("part %d: resuming after %d committed shard(s), %d inputs done", cfg.part, number, result.inputs)
-    writer = _PartWriter(dfs, droot, cfg, number, seen, result)
+    result.generation = generation
+    writer = _PartWriter(dfs, droot, cfg, number, seen, result, generation)
 
     def todo() -> Iterator[SourceObject]:
         try:
-            yield from in_order(dfs, droot, cfg.part, cfg.num_parts, snapshot["runs"], root, src, skip=result.inputs)
+            yield from in_order(dfs, droot, cfg.part, cfg.num_parts, current["runs"], root, src, skip=done_here,
+                                generation=generation)
         except Exception as e:  # noqa: BLE001
             raise explain(e, dst) from None
 
     processor = _Processor(fs, cfg)
-    bar = tqdm(desc=f"shards build part {cfg.part}/{cfg.num_parts}", unit="img", disable=not progress,
-               total=snapshot["rows"], initial=result.inputs,
+    bar = tqdm(desc=f"shards build part {cfg.part}/{cfg.num_parts}" + (f" (addition {generation})" if generation else ""),
+               unit="img", disable=not progress, total=current["rows"], initial=done_here,
                mininterval=1.0, smoothing=0.1)
     try:
         for obj, out in processor.run(todo()):
@@ -383,25 +422,46 @@ def build_part(src: str, dst: str, cfg: BuildConfig, src_options: dict | None = 
     result.seconds = time.time() - start
     write_json(dfs, record_path, {"fingerprint": fingerprint, "part": cfg.part, "inputs": result.inputs,
                                   "accepted": result.accepted, "reasons": result.reasons,
-                                  "shards": result.shards})
+                                  "shards": result.shards, "generations": generation + 1})
     return result
 
 
-def _snapshot(fs, root: str, src: str, dfs, droot: str, cfg: BuildConfig, fingerprint: dict) -> dict:
-    """The part's listing snapshot record (written once, then reused by every rerun): runs, rows, seed."""
-    path = join(droot, layout.snapshot_record_name(cfg.part, cfg.num_parts))
+def _check_layout(dfs, droot: str, dst: str, cfg: BuildConfig) -> None:
+    """Refuse to mix part layouts (I/2 with I/3) in one destination: their names and hash splits differ."""
+    for folder in (layout.PARTS_DIR, layout.LISTING_DIR):  # small folders; every part writes to both first
+        path = join(droot, folder)
+        if not dfs.exists(path):
+            continue
+        for name in dfs.ls(path, detail=False):
+            parsed = layout.parse_part(name.rsplit("/", 1)[-1])
+            if parsed and parsed[1] != cfg.num_parts:
+                raise UserError(f"{dst} holds a {parsed[1]}-part build ({folder}/{name.rsplit('/', 1)[-1]}); "
+                                f"--part {cfg.part}/{cfg.num_parts} would mix part layouts: use --part I/{parsed[1]} "
+                                f"or a new destination")
+
+
+def _snapshot(listing, src: str, dfs, droot: str, cfg: BuildConfig, fingerprint: dict, generation: int) -> dict:
+    """A generation's listing snapshot record (written once, then reused by every rerun): runs, rows, seed.
+
+    Generation 0 holds the whole part; a later one holds only what the earlier ones do not.
+    """
+    path = join(droot, layout.snapshot_record_name(cfg.part, cfg.num_parts, generation))
     if dfs.exists(path):
         rec = read_json(dfs, path)
         if rec.get("fingerprint") == fingerprint:
             return rec
     try:
-        objects = (o for o in walk(fs, root, src.rstrip("/")) if in_part(o.rel, cfg.part, cfg.num_parts))
-        rec = write_snapshot(dfs, droot, cfg.part, cfg.num_parts, objects, cfg.seed)
+        objects = (o for o in listing() if in_part(o.rel, cfg.part, cfg.num_parts))
+        if generation == 0:
+            rec = write_snapshot(dfs, droot, cfg.part, cfg.num_parts, objects, cfg.seed)
+        else:
+            rec = write_additions(dfs, droot, cfg.part, cfg.num_parts, objects, cfg.seed, generation)
     except UserError:
         raise
     except Exception as e:  # noqa: BLE001
         raise explain(e, src) from None
-    log.info("part %d: listed %d object(s) into %d sorted run(s)", cfg.part, rec["rows"], rec["runs"])
+    log.info("part %d: listed %d %sobject(s) into %d sorted run(s)", cfg.part, rec["rows"],
+             "new " if generation else "", rec["runs"])
     write_json(dfs, path, {"fingerprint": fingerprint, **rec})
     return rec
 

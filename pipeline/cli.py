@@ -57,6 +57,13 @@ def register(sub: argparse._SubParsersAction) -> argparse._SubParsersAction:
                    help="build only part I of N (disjoint by a hash of the object path); run --merge after all parts")
     b.add_argument("--merge", type=int, default=0, metavar="N",
                    help="instead of building, publish the index of a set built as N parts")
+    b.add_argument("--incremental", action="store_true",
+                   help="on a finished build: list SRC again and add only the objects that are new since its "
+                        "listing snapshot, as new shards (existing shards stay untouched); then publish")
+    b.add_argument("--from-list", metavar="FILE",
+                   help="take the objects from FILE instead of listing SRC: parquet or CSV (.gz too) with a url "
+                        "column, a key column (with bucket, as in an S3 Inventory report) or a path column "
+                        "relative to SRC; a headerless CSV is read as S3 Inventory's layout")
     b.add_argument("--seed", type=int, default=0,
                    help="seed of the pack order, a pseudo-random permutation that makes every shard an i.i.d. "
                         "sample of the bucket whatever its folder layout (default 0; recorded in build.json)")
@@ -105,13 +112,17 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         part, num_parts = args.part
         cfg = BuildConfig(samples_per_shard=args.samples_per_shard, shard_max_bytes=args.shard_max_bytes,
                           workers=args.workers, io_threads=args.io_threads, part=part, num_parts=num_parts,
-                          seed=args.seed, normalise=NormaliseConfig(max_side=args.max_side, min_side=args.min_side,
+                          seed=args.seed, incremental=args.incremental, from_list=args.from_list,
+                          normalise=NormaliseConfig(max_side=args.max_side, min_side=args.min_side,
                                                     max_aspect=args.max_aspect, max_pixels=args.max_pixels,
                                                     quality=args.quality))
         fn = build if num_parts == 1 else build_part
         result = fn(args.src, args.dst, cfg, opts, opts, progress=not args.no_progress)
         if result.already_complete:
-            print(f"part {part}/{num_parts} of {args.dst} is already complete; nothing to do")
+            print(f"part {part}/{num_parts} of {args.dst} is already complete; nothing to do "
+                  f"(--incremental adds objects that are new since its listing)")
+        elif result.generation:
+            print(f"addition {result.generation}: {result.added_inputs} new object(s) since the last listing")
         print("\n".join(summary_lines(result)))
         if num_parts > 1:
             print(f"part {part}/{num_parts} done; after all parts: swav shards build {args.src} {args.dst} "

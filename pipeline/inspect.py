@@ -8,15 +8,14 @@ import logging
 from dataclasses import dataclass, field
 
 import numpy as np
-import pyarrow as pa
+import pyarrow.compute as pc
 from tqdm import tqdm
 
-from pipeline.build import read_manifest
 from pipeline.merge import _manifests
 from shards.index import load_index
-from shards.manifest import ACCEPTED
+from shards.manifest import ACCEPTED, from_parquet_bytes
 from shards.members import UnsafeMember
-from shards.storage import get_fs, with_retries
+from shards.storage import get_fs, read_bytes, with_retries
 from shards.tario import iter_samples
 
 log = logging.getLogger(__name__)
@@ -25,25 +24,27 @@ SIZE_BINS = (0, 64, 128, 256, 512, 1024, 2048, 4096, 1 << 30)
 
 
 def info(url: str, options: dict | None = None) -> dict:
+    """Counts by status and reason, and a histogram of accepted sizes: columnar, one manifest at a time."""
     idx = load_index(url, options)
     fs, root = get_fs(url, options)
-    tables = [read_manifest(fs, m)[0].select(["status", "reason", "width", "height"]) for m in _manifests(fs, root)]
-    table = pa.concat_tables(tables) if tables else None
     by_status: dict[str, int] = {}
     by_reason: dict[str, int] = {}
-    hist = [0] * (len(SIZE_BINS) - 1)
-    if table is not None:
-        cols = table.to_pydict()
-        for s, r, w, h in zip(cols["status"], cols["reason"], cols["width"], cols["height"]):
-            by_status[s] = by_status.get(s, 0) + 1
-            if s != ACCEPTED:
-                by_reason[r] = by_reason.get(r, 0) + 1
-            elif w and h:
-                hist[int(np.searchsorted(SIZE_BINS, max(w, h), side="right")) - 1] += 1
+    hist = np.zeros(len(SIZE_BINS) - 1, np.int64)
+    for m in _manifests(fs, root):
+        table = from_parquet_bytes(read_bytes(fs, m), columns=["status", "reason", "width", "height"])
+        for item in pc.value_counts(table["status"]).to_pylist():
+            by_status[item["values"]] = by_status.get(item["values"], 0) + item["counts"]
+        accepted = pc.equal(table["status"], ACCEPTED)
+        for item in pc.value_counts(table["reason"].filter(pc.invert(accepted))).to_pylist():
+            by_reason[item["values"]] = by_reason.get(item["values"], 0) + item["counts"]
+        sides = pc.max_element_wise(table["width"].filter(accepted), table["height"].filter(accepted))
+        sides = sides.to_numpy(zero_copy_only=False)
+        sides = sides[~np.isnan(sides)] if sides.dtype.kind == "f" else sides
+        hist += np.histogram(sides[sides > 0], bins=SIZE_BINS)[0]
     return {
         "url": url, "shards": int(len(idx)), "samples": int(idx.samples.sum()), "bytes": int(idx.nbytes.sum()),
         "inputs": sum(by_status.values()), "by_status": by_status, "by_reason": by_reason,
-        "longer_side_histogram": {f"{SIZE_BINS[i]}-{SIZE_BINS[i + 1] - 1}": n for i, n in enumerate(hist) if n},
+        "longer_side_histogram": {f"{SIZE_BINS[i]}-{SIZE_BINS[i + 1] - 1}": int(n) for i, n in enumerate(hist) if n},
         "record": {k: idx.record.get(k) for k in ("version", "created", "source", "num_parts")},
     }
 

@@ -1,58 +1,98 @@
-"""A deterministic, streaming walk of a bucket prefix.
+"""A streaming walk of a bucket prefix, in bounded memory.
 
-Directories are listed one at a time and visited in sorted order, so memory
-holds one directory's entries, never the whole bucket, and every machine that
-lists the same prefix sees the same sequence.
+A flat prefix of a billion objects is the usual bucket layout, so no listing may hold a whole
+directory: S3 is paged (one page of 1,000 keys at a time, in key order, no listings cache), a local
+disk is read entry by entry. Other stores fall back to fsspec's per-directory listing.
+
+The order is the store's own (key order on S3, directory order on a disk); it only sets the
+`list_pos` the manifests record. The pack order is a keyed hash of each path (pipeline/order.py),
+and a build resumes from its own snapshot of the listing, never from positions in a live bucket.
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Iterator
 
 import fsspec
+from fsspec.asyn import sync
 
 from shards.storage import with_retries
 
 
 @dataclass(frozen=True)
 class SourceObject:
-    pos: int        # position in the full listing
+    pos: int        # position in the listing this build took
     rel: str        # path relative to the source prefix ('/' separated)
     path: str       # path inside the filesystem
     url: str        # full URL, as recorded in manifests
     size: int
 
 
-def _entries(fs: fsspec.AbstractFileSystem, path: str) -> list[dict]:
-    def listing() -> list[dict]:
-        fs.invalidate_cache(path)  # object stores cache listings; a rerun must see the bucket as it is
-        return fs.ls(path, detail=True)
-
-    return sorted(with_retries(listing, f"list {path}"), key=lambda e: e["name"])
-
-
 def walk(fs: fsspec.AbstractFileSystem, root: str, url_prefix: str) -> Iterator[SourceObject]:
-    """Every file under root, depth first in sorted name order, with its listing position."""
+    """Every object under root, with its listing position."""
     root = root.rstrip("/")
-    pos = 0
-    stack: list[str] = [root]
+    url_prefix = url_prefix.rstrip("/")
+    if _protocol(fs) in ("file", "local"):
+        entries = _local(root)
+    elif hasattr(fs, "_iterdir") and _protocol(fs) in ("s3", "s3a"):
+        entries = _s3_pages(fs, root)
+    else:
+        entries = _by_directory(fs, root)
+    for pos, (path, size) in enumerate(entries):
+        rel = path[len(root) + 1:]
+        yield SourceObject(pos=pos, rel=rel, path=path, url=f"{url_prefix}/{rel}", size=size)
+
+
+def _protocol(fs: fsspec.AbstractFileSystem) -> str:
+    return fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
+
+
+def _local(root: str) -> Iterator[tuple[str, int]]:
+    """Depth first; os.scandir yields one entry at a time, so a flat folder is never held whole."""
+    stack = [root]
+    while stack:
+        folder = stack.pop()
+        subdirs = []
+        with os.scandir(folder) as it:
+            for e in it:
+                if e.is_dir(follow_symlinks=False):
+                    subdirs.append(e.path)
+                elif e.is_file():
+                    yield e.path, e.stat().st_size
+        stack.extend(sorted(subdirs, reverse=True))
+
+
+def _s3_pages(fs, root: str) -> Iterator[tuple[str, int]]:
+    """All keys under the prefix, page by page (s3fs retries each page), without the listings cache."""
+    bucket, _, key = root.partition("/")
+    pages = fs._iterdir(bucket, delimiter="", prefix=f"{key}/" if key else "")
+    while True:
+        try:
+            entry = sync(fs.loop, pages.__anext__)
+        except StopAsyncIteration:
+            return
+        if entry.get("type") == "file" and not entry["name"].endswith("/"):  # "folder/" markers are not objects
+            yield entry["name"], int(entry.get("size") or 0)
+
+
+def _by_directory(fs: fsspec.AbstractFileSystem, root: str) -> Iterator[tuple[str, int]]:
+    stack = [root]
     while stack:
         current = stack.pop()
-        entries = _entries(fs, current)
+
+        def listing(current: str = current) -> list[dict]:
+            fs.invalidate_cache(current)  # object stores cache listings; a rerun must see the bucket as it is
+            return fs.ls(current, detail=True)
+
         subdirs = []
-        files = []
-        for e in entries:
+        for e in sorted(with_retries(listing, f"list {current}"), key=lambda e: e["name"]):
             name = e["name"].rstrip("/")
             if name == current:
                 continue  # some stores list a prefix marker as its own child
             if e.get("type") == "directory":
                 subdirs.append(name)
             else:
-                files.append(e)
-        for e in files:
-            rel = e["name"][len(root) + 1:]
-            yield SourceObject(pos=pos, rel=rel, path=e["name"], url=f"{url_prefix.rstrip('/')}/{rel}",
-                               size=int(e.get("size") or 0))
-            pos += 1
+                yield name, int(e.get("size") or 0)
         stack.extend(reversed(subdirs))

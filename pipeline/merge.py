@@ -11,6 +11,7 @@ import json
 import logging
 import time
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
@@ -18,8 +19,8 @@ from pipeline.build import read_manifest, tool_version, _table_bytes
 from pipeline.order import order_key
 from shards import layout
 from shards.errors import UserError
-from shards.manifest import ACCEPTED, INDEX_SCHEMA, REJECTED, to_parquet_bytes
-from shards.storage import get_fs, join, read_json, redact, write_bytes, write_json
+from shards.manifest import ACCEPTED, INDEX_SCHEMA, REJECTED, from_parquet_bytes, to_parquet_bytes
+from shards.storage import get_fs, join, read_bytes, read_json, redact, write_bytes, write_json
 from shards.tario import iter_samples, write_tar
 
 log = logging.getLogger(__name__)
@@ -32,29 +33,74 @@ def _manifests(fs, root: str) -> list[str]:
     return sorted(p for p in fs.ls(path, detail=False) if p.endswith(".parquet"))
 
 
-def _drop_cross_part_duplicates(fs, root: str, manifests: list[str], source: str, seed: int) -> int:
-    """Later copies (in pack order) of content already accepted in another part become rejections.
+def _scan(fs, manifests: list[str], want_hashes: bool) -> tuple[dict, dict, list, pa.Table | None]:
+    """One read of every manifest: (counts, reasons, shard entries, accepted rows' hash prefixes).
 
-    Pack order, as within a part: the copy kept is the same whichever way the bucket was split.
+    Columnar and per manifest, so memory holds one manifest plus 24 bytes per accepted row for the
+    cross-part duplicate search (a 64-bit prefix of the content hash, the manifest and the row).
     """
-    tables = []
-    for m in manifests:
-        t, _ = read_manifest(fs, m)
-        t = t.filter(pc.equal(t["status"], ACCEPTED)).select(["list_pos", "sha256", "key", "shard", "url"])
-        tables.append(t.append_column("manifest", pa.array([m] * t.num_rows, pa.string())))
-    if not tables:
-        return 0
-    acc = pa.concat_tables(tables).to_pydict()
+    counts, reasons = {"inputs": 0, ACCEPTED: 0, REJECTED: 0}, {}
+    entries, hashes = [], []
+    for mi, m in enumerate(manifests):
+        table = from_parquet_bytes(read_bytes(fs, m), columns=["status", "reason", "sha256"])
+        meta = table.schema.metadata or {}
+        entry = json.loads(meta[b"shard"]) if b"shard" in meta else None
+        if entry and entry["samples"]:
+            entries.append(entry)
+        accepted = pc.equal(table["status"], ACCEPTED)
+        n_acc = pc.sum(accepted).as_py() or 0
+        counts["inputs"] += table.num_rows
+        counts[ACCEPTED] += n_acc
+        counts[REJECTED] += table.num_rows - n_acc
+        for item in pc.value_counts(table["reason"].filter(pc.invert(accepted))).to_pylist():
+            reasons[item["values"]] = reasons.get(item["values"], 0) + item["counts"]
+        if want_hashes and n_acc:
+            rows = pc.indices_nonzero(accepted).cast(pa.int32())
+            prefix = pc.utf8_slice_codeunits(table["sha256"].filter(accepted), 0, 16).combine_chunks()
+            hashes.append(pa.table({"h": prefix, "m": pa.array(np.full(len(rows), mi, np.int32)), "row": rows}))
+    found = pa.concat_tables(hashes).combine_chunks() if hashes else None
+    return counts, reasons, entries, found
+
+
+def _candidates(hashes: pa.Table | None) -> dict[int, list[int]]:
+    """manifest number -> rows whose 64-bit hash prefix occurs more than once (exact check follows)."""
+    if hashes is None:
+        return {}
+    grouped = hashes.group_by("h").aggregate([("h", "count")])
+    repeated = grouped.filter(pc.greater(grouped["h_count"], 1))["h"]
+    if not len(repeated):
+        return {}
+    hit = hashes.filter(pc.is_in(hashes["h"], value_set=repeated.combine_chunks()))
+    out: dict[int, list[int]] = {}
+    for m, row in zip(hit["m"].to_pylist(), hit["row"].to_pylist()):
+        out.setdefault(m, []).append(row)
+    return out
+
+
+def _drop_cross_part_duplicates(fs, root: str, manifests: list[str], candidates: dict[int, list[int]],
+                                source: str, seed: int) -> tuple[int, dict[str, dict]]:
+    """Later copies of content accepted in another part become rejections: (dropped, new entries by manifest).
+
+    The copy kept is the one in the earliest generation (an incremental addition never rewrites an
+    older shard), then first in pack order, as within a part: the same whichever way the bucket was split.
+    """
     prefix = len(source.rstrip("/")) + 1
-    rank = sorted(range(len(acc["url"])), key=lambda i: (order_key(seed, acc["url"][i][prefix:]), acc["url"][i][prefix:]))
-    acc = {k: [v[i] for i in rank] for k, v in acc.items()}
-    first: dict[str, str] = {}
+    copies: dict[str, list[tuple]] = {}
+    for mi, rows in candidates.items():
+        table, entry = read_manifest(fs, manifests[mi])
+        gen = (entry or {}).get("generation", 0)
+        sub = table.take(pa.array(rows, pa.int32())).select(["sha256", "key", "url"]).to_pydict()
+        for sha, key, url in zip(sub["sha256"], sub["key"], sub["url"]):
+            rel = url[prefix:]
+            copies.setdefault(sha, []).append(((gen, order_key(seed, rel), rel), key, url, manifests[mi]))
     losers: dict[str, dict[str, str]] = {}   # manifest -> key -> winner url
-    for sha, key, url, man in zip(acc["sha256"], acc["key"], acc["url"], acc["manifest"]):
-        if sha in first:
-            losers.setdefault(man, {})[key] = first[sha]
-        else:
-            first[sha] = url
+    for group in copies.values():
+        if len(group) < 2:
+            continue  # a 64-bit prefix collision, not a duplicate
+        group.sort()
+        for _, key, _, man in group[1:]:
+            losers.setdefault(man, {})[key] = group[0][2]
+    rewritten = {}
     for man, keys in sorted(losers.items()):
         table, entry = read_manifest(fs, man)
         tar_path = join(root, entry["name"])
@@ -71,8 +117,26 @@ def _drop_cross_part_duplicates(fs, root: str, manifests: list[str], source: str
                 cols["key"][i] = cols["shard"][i] = None
         new = pa.Table.from_pydict(cols, schema=table.schema.remove_metadata())
         write_bytes(fs, man, _table_bytes(new.replace_schema_metadata({"shard": json.dumps(entry)})))
+        rewritten[entry["name"]] = entry
         log.info("dropped %d cross-part duplicate(s) from %s", len(keys), entry["name"])
-    return sum(len(k) for k in losers.values())
+    return sum(len(k) for k in losers.values()), rewritten
+
+
+def _check_parts(dst: str, records: list[dict], manifests: list[str], num_parts: int) -> None:
+    """Every part built with the same settings, and no files of another part layout."""
+    base = records[0]["fingerprint"]
+    for part, rec in enumerate(records[1:], start=1):
+        if rec["fingerprint"] != base:
+            diff = sorted(k for k in set(base["config"]) | set(rec["fingerprint"]["config"])
+                          if base["config"].get(k) != rec["fingerprint"]["config"].get(k))
+            what = ", ".join(diff) or "source"
+            raise UserError(f"cannot merge {dst}: part {part}/{num_parts} was built with other settings than "
+                            f"part 0 ({what} differ); rebuild it with the same flags")
+    for m in manifests:
+        parsed = layout.parse_part(m.rsplit("/", 1)[-1])
+        if parsed and parsed[1] != num_parts:
+            raise UserError(f"cannot merge {dst} as {num_parts} parts: it holds files of a {parsed[1]}-part "
+                            f"build ({m.rsplit('/', 1)[-1]})")
 
 
 def merge(dst: str, num_parts: int, options: dict | None = None, source: str | None = None) -> dict:
@@ -89,22 +153,18 @@ def merge(dst: str, num_parts: int, options: dict | None = None, source: str | N
     if missing:
         raise UserError(f"cannot merge {dst}: part(s) {', '.join(missing)} of {num_parts} not finished")
     manifests = _manifests(fs, root)
+    _check_parts(dst, records, manifests, num_parts)
     fingerprint = records[0]["fingerprint"]
-    dropped = (_drop_cross_part_duplicates(fs, root, manifests, fingerprint["source"],
-                                           fingerprint["config"].get("seed", 0)) if num_parts > 1 else 0)
-
-    entries, counts = [], {"inputs": 0, ACCEPTED: 0, REJECTED: 0}
-    reasons: dict[str, int] = {}
-    for m in manifests:
-        table, entry = read_manifest(fs, m)
-        if entry and entry["samples"]:
-            entries.append(entry)
-        cols = table.select(["status", "reason"]).to_pydict()
-        for status, reason in zip(cols["status"], cols["reason"]):
-            counts["inputs"] += 1
-            counts[status] += 1
-            if status == REJECTED:
-                reasons[reason] = reasons.get(reason, 0) + 1
+    counts, reasons, entries, hashes = _scan(fs, manifests, want_hashes=num_parts > 1)
+    dropped, rewritten = _drop_cross_part_duplicates(fs, root, manifests, _candidates(hashes), fingerprint["source"],
+                                                     fingerprint["config"].get("seed", 0))
+    if dropped:
+        counts[ACCEPTED] -= dropped
+        counts[REJECTED] += dropped
+        reasons["duplicate"] = reasons.get("duplicate", 0) + dropped
+        entries = [rewritten.get(e["name"], e) for e in entries]
+        entries = [e for e in entries if e["samples"]]
+    entries = [{k: e[k] for k in ("name", "samples", "bytes", "sha256")} for e in entries]
     entries.sort(key=lambda e: e["name"])
     write_bytes(fs, join(root, layout.INDEX), to_parquet_bytes(entries, INDEX_SCHEMA))
     record = {
@@ -114,7 +174,7 @@ def merge(dst: str, num_parts: int, options: dict | None = None, source: str | N
         "num_parts": num_parts, "counts": counts, "reasons": reasons, "shards": len(entries),
         "samples": sum(e["samples"] for e in entries), "bytes": sum(e["bytes"] for e in entries),
         "cross_part_duplicates": dropped,
+        "generations": max(r.get("generations", 1) for r in records),
     }
     write_json(fs, join(root, layout.BUILD_RECORD), record)
     return record
-

@@ -16,26 +16,42 @@ _UNSAFE = re.compile(r"[^A-Za-z0-9_-]+")
 _KEY_OK = re.compile(r"^[A-Za-z0-9_-]{1,128}$")
 
 
-def shard_name(part: int, number: int) -> str:
-    return f"{SHARD_DIR}/p{part:05d}-{number:06d}.tar"
+_PART_NAME = re.compile(r"^p(\d{5})-of-(\d{5})")
 
 
-def manifest_name(part: int, number: int) -> str:
-    return f"{MANIFEST_DIR}/p{part:05d}-{number:06d}.parquet"
+def part_stem(part: int, num_parts: int) -> str:
+    """What every file a part writes starts with: its number and the part layout (I of N)."""
+    return f"p{part:05d}-of-{num_parts:05d}"
 
 
-def listing_name(part: int, num_parts: int, run: int) -> str:
-    """One key-sorted run of a part's listing snapshot."""
-    return f"{LISTING_DIR}/p{part:05d}-of-{num_parts:05d}-{run:06d}.parquet"
+def parse_part(basename: str) -> tuple[int, int] | None:
+    """(part, num_parts) of a file a part wrote, from its name; None for other names."""
+    m = _PART_NAME.match(basename)
+    return (int(m.group(1)), int(m.group(2))) if m else None
 
 
-def snapshot_record_name(part: int, num_parts: int) -> str:
+def shard_name(part: int, num_parts: int, number: int) -> str:
+    return f"{SHARD_DIR}/{part_stem(part, num_parts)}-{number:06d}.tar"
+
+
+def manifest_name(part: int, num_parts: int, number: int) -> str:
+    return f"{MANIFEST_DIR}/{part_stem(part, num_parts)}-{number:06d}.parquet"
+
+
+def listing_name(part: int, num_parts: int, run: int, generation: int = 0) -> str:
+    """One key-sorted run of a part's listing snapshot (generation > 0: an incremental build's additions)."""
+    gen = f"-g{generation:04d}" if generation else ""
+    return f"{LISTING_DIR}/{part_stem(part, num_parts)}{gen}-{run:06d}.parquet"
+
+
+def snapshot_record_name(part: int, num_parts: int, generation: int = 0) -> str:
     """Written after the last run: the snapshot is complete and can be resumed from."""
-    return f"{LISTING_DIR}/p{part:05d}-of-{num_parts:05d}.json"
+    gen = f"-g{generation:04d}" if generation else ""
+    return f"{LISTING_DIR}/{part_stem(part, num_parts)}{gen}.json"
 
 
 def part_record_name(part: int, num_parts: int) -> str:
-    return f"{PARTS_DIR}/p{part:05d}-of-{num_parts:05d}.json"
+    return f"{PARTS_DIR}/{part_stem(part, num_parts)}.json"
 
 
 def sample_key(relative_path: str) -> str:

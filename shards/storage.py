@@ -13,6 +13,7 @@ import logging
 import os
 import random
 import time
+import uuid
 from typing import Any, Callable, TypeVar
 
 import fsspec
@@ -155,12 +156,20 @@ def write_bytes(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
     if _is_local(fs):
         parent = os.path.dirname(path)
         os.makedirs(parent, exist_ok=True)
-        tmp = f"{path}.tmp-{os.getpid()}"
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        for attempt in (1, 2):
+            # Unique per writer: two copies of one part (a duplicated pod) on a shared disk never share one.
+            tmp = f"{path}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+            try:
+                with open(tmp, "wb") as f:
+                    f.write(data)
+                    f.flush()
+                    os.fsync(f.fileno())
+                os.replace(tmp, path)
+                return
+            except FileNotFoundError:
+                # A copy of this part that (re)started just now cleaned up our temporary; write it again.
+                if attempt == 2:
+                    raise
         return
     with_retries(lambda: fs.pipe_file(path, data), f"write {path}")
 
@@ -177,16 +186,23 @@ def exists(fs: fsspec.AbstractFileSystem, path: str) -> bool:
     return with_retries(lambda: fs.exists(path), f"stat {path}")
 
 
-def remove_stale_temporaries(fs: fsspec.AbstractFileSystem, root: str) -> int:
-    """Delete temporaries that a killed local write_bytes left behind (object stores have none)."""
+def remove_stale_temporaries(fs: fsspec.AbstractFileSystem, root: str, stem: str = "") -> int:
+    """Delete temporaries that a killed local write_bytes left behind (object stores have none).
+
+    Only names starting with `stem`: a build part passes its own, so it never removes another
+    part's file in flight.
+    """
     if not _is_local(fs) or not os.path.isdir(root):
         return 0
     removed = 0
     for folder, _, names in os.walk(root):
         for name in names:
-            if ".tmp-" in name:
-                os.remove(os.path.join(folder, name))
-                removed += 1
+            if ".tmp-" in name and name.startswith(stem):
+                try:
+                    os.remove(os.path.join(folder, name))
+                    removed += 1
+                except FileNotFoundError:
+                    pass  # its writer finished (or another cleaner got there first)
     return removed
 
 

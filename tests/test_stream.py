@@ -40,7 +40,7 @@ def synthetic_set(root: Path, shards: int, per_shard: int, jpeg: bytes | None = 
         samples = [{"__key__": f"s{s:04d}-{i:05d}", "jpg": jpeg or tiny_jpeg(s * 1000 + i),
                     "json": json.dumps({"url": f"mem://{s}/{i}"}).encode()} for i in range(per_shard)]
         data = write_tar(samples)
-        name = layout.shard_name(0, s)
+        name = layout.shard_name(0, 1, s)
         (root / name).parent.mkdir(parents=True, exist_ok=True)
         (root / name).write_bytes(data)
         entries.append({"name": name, "samples": per_shard, "bytes": len(data),
@@ -133,7 +133,7 @@ def test_loader_state_round_trip_gives_identical_batches(small_set, workers, wor
 
 def test_a_truncated_shard_is_skipped_and_counted(tmp_path, caplog):
     root = synthetic_set(tmp_path / "set", shards=4, per_shard=6)
-    victim = root / layout.shard_name(0, 2)
+    victim = root / layout.shard_name(0, 1, 2)
     victim.write_bytes(victim.read_bytes()[:3000])
     idx = load_index(str(root))
     s = ShardStream(idx, 0, 0, 1)
@@ -248,7 +248,7 @@ def test_remote_shards_can_be_cached_locally_under_a_size_cap(tmp_path, s3):
     fs, opts, name = s3
     root = synthetic_set(tmp_path / "set", shards=6, per_shard=3)
     fs.put(str(root) + "/", f"{name}/set/", recursive=True)
-    shard_bytes = (root / layout.shard_name(0, 0)).stat().st_size
+    shard_bytes = (root / layout.shard_name(0, 1, 0)).stat().st_size
     idx = load_index(f"s3://{name}/set", opts)
     cache = tmp_path / "cache"
     s = ShardStream(idx, 2, 0, 1, window=1, storage_options=opts, cache_dir=str(cache),
