@@ -91,14 +91,16 @@ def build_engine(cfg: Config, model: nn.Module, world_size: int):
         engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
                                                config=deepspeed_config(cfg, world_size))
     stage = cfg.deepspeed.zero_stage
+    # ZeRO hands the optimizer flat partitions: the layouts let LARS use whole-layer norms and renormalise
+    # prototype rows exactly, whichever rank holds which slice of a row.
     if stage in (1, 2):
         from swav.zero_layout import zero12_layouts
 
         optimizer.set_layouts(zero12_layouts(engine.optimizer, groups_params))
-    elif stage == 3 and cfg.optim.name == "lars":
-        log.warning("deepspeed.zero_stage=3: LARS adapts with the norms of this rank's parameter partitions, "
-                    "not of whole layers, and prototype rows are normalised per partition; use stage 0-2 "
-                    "for the reference's numerics")
+    elif stage == 3:
+        from swav.zero_layout import zero3_layouts
+
+        optimizer.set_layouts(zero3_layouts(engine.optimizer, groups_params))
     from swav.checkpoint import install_safe_loading
 
     install_safe_loading(engine)

@@ -64,8 +64,8 @@ class _GroupAware:
     # temporarily making param_groups a one-element list, and load_state_dict replaces the dicts.
     layouts: dict[str, GroupLayout]
 
-    def set_layouts(self, layouts: dict[int, GroupLayout]) -> None:
-        """Layouts by group position at construction time."""
+    def set_layouts(self, layouts: dict[int, GroupLayout | dict[int, GroupLayout]]) -> None:
+        """Layouts by group position at construction time (ZeRO-3: a dict by id of each sub-group flat)."""
         self.layouts = {self.param_groups[gi]["name"]: layout for gi, layout in layouts.items()}
 
     def _name_groups(self) -> None:
@@ -78,7 +78,10 @@ class _GroupAware:
             seen.add(name)
 
     def _layout_of(self, group: dict) -> GroupLayout | None:
-        return getattr(self, "layouts", {}).get(group.get("name"))
+        layout = getattr(self, "layouts", {}).get(group.get("name"))
+        if isinstance(layout, dict):  # ZeRO-3 steps one sub-group flat at a time
+            return layout.get(id(group["params"][0])) if group["params"] else None
+        return layout
 
     def _layout(self, gi: int) -> GroupLayout:
         layout = self._layout_of(self.param_groups[gi])
@@ -97,7 +100,8 @@ class _GroupAware:
             if layout is None:
                 for p in group["params"]:
                     if p.numel() % d:
-                        continue  # a ZeRO-3 partition, not whole rows (engine.py warns about stage 3)
+                        raise RuntimeError(f"{group['name']}: a flat of {p.numel()} values is not whole rows of "
+                                           f"{d} and has no ZeRO layout to renormalise it by")
                     # Same arithmetic as the partitioned path (fp64 sums, one multiply), so ZeRO stages agree.
                     rows = p.view(-1, d)
                     inv = 1.0 / (rows.double() ** 2).sum(1).sqrt().clamp_min(1e-12)

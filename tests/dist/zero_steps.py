@@ -6,6 +6,7 @@ and checks prototype invariants on every rank's working copy.
 
 import sys
 
+import deepspeed
 import torch
 
 from swav import distributed
@@ -14,11 +15,11 @@ from swav.engine import build_engine, build_model, set_step_hyperparams
 from swav.loss import swav_loss
 
 
-def main(stage: int, out: str, steps: int, freeze: int, optim: str, data_seed: int = 0) -> None:
+def main(stage: int, out: str, steps: int, freeze: int, optim: str, data_seed: int = 0, shape: str = "") -> None:
     rank, world, _ = distributed.init()
+    k, d = shape.split(":") if shape else ("[30,20]" if optim == "adamw" else "30", "16")
     cfg = load_config(None, [f"deepspeed.zero_stage={stage}", "model.arch=resnet50w0.0625", "model.hidden_mlp=64",
-                             "model.feat_dim=16", "model.num_prototypes=[30,20]" if optim == "adamw" else
-                             "model.num_prototypes=30", "train.batch_size=4", f"optim.name={optim}",
+                             f"model.feat_dim={d}", f"model.num_prototypes={k}", "train.batch_size=4", f"optim.name={optim}",
                              "optim.base_lr=0.5", "optim.weight_decay=0.01", f"seed={5 + data_seed}"])
     torch.manual_seed(cfg.seed)
     model = build_model(cfg, False, world)
@@ -33,10 +34,12 @@ def main(stage: int, out: str, steps: int, freeze: int, optim: str, data_seed: i
         loss = sum(swav_loss(h, 4, (0, 1)) for h in heads) / len(heads)
         engine.backward(loss)
         engine.step()
-        params = {k: v.detach().clone() for k, v in engine.module.state_dict().items()}
-        for w in engine.module.prototype_weights():
-            norms = w.detach().norm(dim=1)
-            assert torch.allclose(norms, torch.ones_like(norms), atol=1e-5), f"rank {rank} step {step}: rows {norms}"
+        # ZeRO-3 holds a slice of each parameter per rank: gather them (a no-op at the other stages).
+        with deepspeed.zero.GatheredParameters(list(engine.module.parameters())):
+            params = {k: v.detach().clone() for k, v in engine.module.state_dict().items()}
+            for w in engine.module.prototype_weights():
+                norms = w.detach().norm(dim=1)
+                assert torch.allclose(norms, torch.ones_like(norms), atol=1e-5), f"rank {rank} step {step}: rows {norms}"
         record.append({"loss": float(distributed.all_reduce_mean(loss)), "params": params})
     if rank == 0:
         torch.save(record, out)
@@ -45,4 +48,4 @@ def main(stage: int, out: str, steps: int, freeze: int, optim: str, data_seed: i
 
 if __name__ == "__main__":
     main(int(sys.argv[1]), sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5] if len(sys.argv) > 5 else "lars",
-         int(sys.argv[6]) if len(sys.argv) > 6 else 0)
+         int(sys.argv[6]) if len(sys.argv) > 6 else 0, sys.argv[7] if len(sys.argv) > 7 else "")
