@@ -251,6 +251,12 @@ class CropBatch:
     keys: list[str]
     augmented: bool
 
+    def pin_memory(self) -> "CropBatch":
+        """Page-locked copies, so the loader's pin_memory thread makes the host-to-device copies truly
+        asynchronous (the DataLoader calls this on any batch object that has it)."""
+        return CropBatch([im.pin_memory() for im in self.images], [p.pin_memory() for p in self.params],
+                         self.keys, self.augmented)
+
     def augment(self, device: torch.device | str | None = None, dtype: torch.dtype = torch.float32) -> list[torch.Tensor]:
         if self.augmented:
             return [im.to(device, non_blocking=True) if device is not None else im for im in self.images]

@@ -265,6 +265,20 @@ def validate(cfg: Config) -> None:
         raise UserError("train.batch_size and train.steps must be >= 1")
     if cfg.checkpoint.keep < 1:
         raise UserError("checkpoint.keep must be >= 1")
+    # Settings that would crash mid-run (a modulo by zero) or silently train something else.
+    for name, value in (("checkpoint.every", cfg.checkpoint.every), ("train.log_every", cfg.train.log_every)):
+        if value < 1:
+            raise UserError(f"{name} must be >= 1, got {value}")
+    for name, value in (("swav.epsilon", cfg.swav.epsilon), ("swav.temperature", cfg.swav.temperature)):
+        if not value > 0:
+            raise UserError(f"{name} must be > 0, got {value}")
+    extra = cfg.deepspeed.extra or {}
+    if extra.get("gradient_accumulation_steps", 1) != 1:
+        raise UserError("deepspeed.extra.gradient_accumulation_steps is not supported: SwAV's Sinkhorn and queue "
+                        "work per step on the whole global batch; raise train.batch_size or the GPU count instead")
+    if (extra.get("bf16") or {}).get("enabled"):
+        raise UserError("deepspeed.extra.bf16.enabled breaks BatchNorm here; set precision: bf16 instead "
+                        "(torch autocast, with the prototypes kept in fp32)")
 
 
 def to_dict(cfg: Config) -> dict:

@@ -38,7 +38,10 @@ def deepspeed_config(cfg: Config, world_size: int) -> dict:
     }
     if cfg.precision == "bf16":
         # DeepSpeed's own bf16 mode casts BatchNorm; torch autocast keeps it (and our Sinkhorn) in fp32.
-        ds["torch_autocast"] = {"enabled": True, "dtype": "bfloat16"}
+        # Its default also reduces every Linear's gradients in bf16, the prototypes included: only the
+        # trunk's convolutions (nearly all the bytes) are reduced in bf16; head and prototypes stay fp32.
+        ds["torch_autocast"] = {"enabled": True, "dtype": "bfloat16",
+                                "lower_precision_safe_modules": ["torch.nn.Conv2d"]}
     return _merge(ds, cfg.deepspeed.extra)
 
 

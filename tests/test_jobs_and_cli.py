@@ -62,7 +62,13 @@ def test_override_errors_are_one_line_and_name_the_key():
                             ("precision=fp8", "precision must be"),
                             ("crops.blur_prob=1.5", "crops.blur_prob must be between 0 and 1"),
                             ("crops.blur_sigma=[2,1]", "crops.blur_sigma must be [low, high]"),
-                            ("model=3", "'model' is a section")):
+                            ("model=3", "'model' is a section"),
+                            ("checkpoint.every=0", "checkpoint.every must be >= 1"),
+                            ("train.log_every=0", "train.log_every must be >= 1"),
+                            ("swav.epsilon=0", "swav.epsilon must be > 0"),
+                            ("swav.temperature=-0.1", "swav.temperature must be > 0"),
+                            ("deepspeed.extra={gradient_accumulation_steps: 4}", "gradient_accumulation_steps is not"),
+                            ("deepspeed.extra={bf16: {enabled: true}}", "set precision: bf16 instead")):
         r = swav_cli("pretrain", "jobs/tiny.yaml", override, "--dry-run")
         assert r.returncode == 2, override
         assert words in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr

@@ -89,3 +89,17 @@ def test_zero_3_renormalises_prototype_rows_that_straddle_partitions(tmp_path):
     assert all(torch.isfinite(torch.tensor(r["loss"])) for r in lars)
     w = lars[-1]["params"]["prototypes.weight"]
     assert torch.allclose(w.norm(dim=1), torch.ones(50), atol=1e-5)
+
+
+@pytest.mark.parametrize("stage", [1, 2])
+def test_bf16_reduces_prototype_and_head_gradients_in_fp32(tmp_path, stage):
+    import json
+
+    out = tmp_path / "dtypes.json"
+    r = torchrun(2, "tests/dist/comm_dtypes.py", str(stage), str(out), module=False)
+    assert r.returncode == 0, r.stderr[-3000:]
+    dtypes = json.loads(out.read_text())
+    assert dtypes["prototypes.weight"] == "torch.float32"
+    assert {v for k, v in dtypes.items() if k.startswith("projection_head.")} == {"torch.float32"}
+    convs = {v for k, v in dtypes.items() if k.startswith("trunk.") and "conv" in k}
+    assert convs == {"torch.bfloat16"}, "the trunk's convolutions carry the bytes: those are reduced in bf16"
