@@ -20,7 +20,7 @@ from pipeline.order import order_key
 from shards import layout
 from shards.errors import UserError
 from shards.manifest import ACCEPTED, INDEX_SCHEMA, REJECTED, from_parquet_bytes, to_parquet_bytes
-from shards.storage import get_fs, join, read_bytes, read_json, redact, write_bytes, write_json
+from shards.storage import get_fs, join, read_bytes, read_json, redact, redact_text, write_bytes, write_json
 from shards.tario import iter_samples, write_tar
 
 log = logging.getLogger(__name__)
@@ -169,7 +169,7 @@ def merge(dst: str, num_parts: int, options: dict | None = None, source: str | N
     write_bytes(fs, join(root, layout.INDEX), to_parquet_bytes(entries, INDEX_SCHEMA))
     record = {
         "tool": "swav-stream", "version": tool_version(), "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "source": source or fingerprint["source"], "config": redact(
+        "source": redact_text(source or fingerprint["source"]), "config": redact(
             fingerprint["config"]),  # the settings that shape the bytes, however the parts were run
         "num_parts": num_parts, "counts": counts, "reasons": reasons, "shards": len(entries),
         "samples": sum(e["samples"] for e in entries), "bytes": sum(e["bytes"] for e in entries),

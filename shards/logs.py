@@ -19,6 +19,15 @@ class _RankFilter(logging.Filter):
         return True
 
 
+class _RedactingFormatter(logging.Formatter):
+    """Every line, ours or a library's, loses URL-embedded credentials and connection-string secrets."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        from shards.storage import redact_text
+
+        return redact_text(super().format(record))
+
+
 def env_rank() -> int:
     """This process's global rank as the launchers (deepspeed, torchrun, SLURM) tell it."""
     for name in ("RANK", "SLURM_PROCID"):
@@ -36,7 +45,7 @@ def setup_logging(rank: int | None = None, level: int = logging.INFO) -> None:
             root.removeHandler(h)
     handler = logging.StreamHandler(sys.stderr)
     handler._swav_stream = True  # type: ignore[attr-defined]
-    handler.setFormatter(logging.Formatter(_FORMAT, datefmt="%Y-%m-%d %H:%M:%S"))
+    handler.setFormatter(_RedactingFormatter(_FORMAT, datefmt="%Y-%m-%d %H:%M:%S"))
     handler.addFilter(_RankFilter(rank))
     root.addHandler(handler)
     root.setLevel(level if rank == 0 else logging.WARNING)

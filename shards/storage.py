@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import random
+import re
 import time
 import uuid
 from typing import Any, Callable, TypeVar
@@ -24,8 +25,19 @@ from shards.errors import UserError
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-_SECRET_WORDS = ("secret", "token", "password", "passwd", "credential", "session")
+_SECRET_WORDS = ("secret", "token", "password", "passwd", "credential", "session", "connection_string",
+                 "connectionstring")
 _SECRET_KEYS = {"key", "aws_access_key_id", "access_key", "account_key", "sas_token"}
+# user:password@ in a URL, and the secret parts of an Azure connection string (AccountKey=...;)
+_URL_USERINFO = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)[^/@\s]+@")
+_CONN_SECRET = re.compile(r"(?P<name>AccountKey|SharedAccessSignature|SharedAccessKey|sig|password|pwd)=[^;&\s]+",
+                          re.IGNORECASE)
+
+
+def redact_text(text: str) -> str:
+    """A string with URL-embedded credentials and connection-string secrets replaced."""
+    text = _URL_USERINFO.sub(lambda m: f"{m.group('scheme')}<redacted>@", text)
+    return _CONN_SECRET.sub(lambda m: f"{m.group('name')}=<redacted>", text)
 
 
 def redact(value: Any) -> Any:
@@ -41,6 +53,8 @@ def redact(value: Any) -> Any:
         return out
     if isinstance(value, list):
         return [redact(v) for v in value]
+    if isinstance(value, str):
+        return redact_text(value)
     return value
 
 
@@ -131,9 +145,10 @@ def with_retries(fn: Callable[[], T], what: str, attempts: int = 5, base_delay: 
 
 
 def explain(exc: BaseException, url: str) -> UserError:
-    """Turn storage exceptions a user can fix into a one-line error."""
+    """Turn storage exceptions a user can fix into a one-line error (credentials never in it)."""
     name = type(exc).__name__
-    text = str(exc)
+    text = redact_text(str(exc))
+    url = redact_text(url)
     if "NoCredentials" in name or "credentials" in text.lower() and "unable to locate" in text.lower():
         return UserError(f"no credentials for {url}: set AWS_* variables, --profile, or --anon")
     if isinstance(exc, PermissionError) or "AccessDenied" in text or "Forbidden" in text:

@@ -11,6 +11,7 @@ import logging
 import sys
 
 from shards.errors import UserError
+from shards.storage import redact_text
 from shards.logs import setup_logging
 
 log = logging.getLogger("swav")
@@ -188,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {redact_text(str(e))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
