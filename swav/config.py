@@ -85,6 +85,8 @@ class TrainConfig:
     batch_size: int = 64                # per rank
     log_every: int = 10
     stop_after: int = 0                 # end the process after this step as if preempted (0 = never)
+    sync_every: int = 10                # ranks agree on preemption and check the loss every N steps (and at
+                                        # log and checkpoint steps): no host sync on the other steps
 
 
 @dataclass
@@ -266,7 +268,8 @@ def validate(cfg: Config) -> None:
     if cfg.checkpoint.keep < 1:
         raise UserError("checkpoint.keep must be >= 1")
     # Settings that would crash mid-run (a modulo by zero) or silently train something else.
-    for name, value in (("checkpoint.every", cfg.checkpoint.every), ("train.log_every", cfg.train.log_every)):
+    for name, value in (("checkpoint.every", cfg.checkpoint.every), ("train.log_every", cfg.train.log_every),
+                        ("train.sync_every", cfg.train.sync_every)):
         if value < 1:
             raise UserError(f"{name} must be >= 1, got {value}")
     for name, value in (("swav.epsilon", cfg.swav.epsilon), ("swav.temperature", cfg.swav.temperature)):

@@ -210,8 +210,10 @@ class LARS(torch.optim.Optimizer, _GroupAware):
         adaptive = trust * w_norm / (g_norm + w_norm * wd + eps)
         if group["clip"]:
             adaptive = torch.clamp(adaptive / lr, max=1.0)
-        scale = torch.where(active, adaptive, torch.ones_like(adaptive)).tolist()
-        decay = torch.where(active, torch.full_like(adaptive, wd), torch.zeros_like(adaptive)).tolist()
+        # Per-tensor factors stay on the device: reading them into Python would sync with it every step.
+        # An inactive tensor gets decay 0 and scale 1, which leave its gradient exactly as it is.
+        scale = torch.where(active, adaptive, torch.ones_like(adaptive)).to(params[0].dtype)
+        decay = torch.where(active, torch.full_like(adaptive, wd), torch.zeros_like(adaptive)).to(params[0].dtype)
         out: list[torch.Tensor | None] = []
         for p, segs in zip(params, layout.segments):
             if p.grad is None:
@@ -219,10 +221,7 @@ class LARS(torch.optim.Optimizer, _GroupAware):
                 continue
             eff = p.grad.detach().clone()
             for g, w, s in zip(_views(eff, segs), _views(p.detach(), segs), segs):
-                if decay[s.tensor]:
-                    g.add_(w, alpha=decay[s.tensor])
-                if scale[s.tensor] != 1.0:
-                    g.mul_(scale[s.tensor])
+                g.addcmul_(w, decay[s.tensor]).mul_(scale[s.tensor])
             out.append(eff)
         return out
 

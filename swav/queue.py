@@ -23,6 +23,7 @@ class EmbeddingQueue(nn.Module):
         super().__init__()
         self.register_buffer("rows", torch.zeros(num_assign_crops, length, dim))
         self.register_buffer("filled", torch.zeros((), dtype=torch.long))
+        self._filled = 0   # a host copy of `filled`: reading the device buffer every step would sync with it
 
     @property
     def length(self) -> int:
@@ -30,7 +31,7 @@ class EmbeddingQueue(nn.Module):
 
     @property
     def full(self) -> bool:
-        return self.length > 0 and int(self.filled) >= self.length
+        return self.length > 0 and self._filled >= self.length
 
     @torch.no_grad()
     def push(self, i: int, emb: torch.Tensor) -> None:
@@ -41,6 +42,12 @@ class EmbeddingQueue(nn.Module):
         self.rows[i, :bs] = emb.detach().to(self.rows.dtype)
         if i == self.rows.shape[0] - 1:
             self.filled.add_(bs)
+            self._filled += bs
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        out = super().load_state_dict(state_dict, strict=strict, assign=assign)
+        self._filled = int(self.filled)   # once per resume, not per step
+        return out
 
     def load_resized(self, state: dict, old_world: int, new_world: int) -> None:
         """A checkpoint from another world size: keep what fits, else restart filling (logged)."""

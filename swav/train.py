@@ -56,7 +56,7 @@ class RunResult:
 
 
 class _Preemption:
-    """SIGTERM/SIGINT set a flag; the loop checkpoints at the end of the step and exits."""
+    """SIGTERM/SIGINT set a flag; the loop checkpoints at the next agreement step and exits."""
 
     def __init__(self) -> None:
         self.requested = False
@@ -75,11 +75,31 @@ class _Preemption:
         if self.requested:  # a second signal: stop now
             raise KeyboardInterrupt
         self.requested = True
-        log.warning("received signal %d: checkpointing at the end of this step, then exiting", signum)
+        log.warning("received signal %d: checkpointing at the end of the step the ranks next agree on (at most "
+                    "train.sync_every steps away), then exiting", signum)
 
     def __exit__(self, *exc) -> None:
         for sig, old in self._old.items():
             signal.signal(sig, old)
+
+
+def _read_losses(pending: list[tuple[int, torch.Tensor]], result: "RunResult") -> None:
+    """Move the pending losses to the host in one transfer; a non-finite one stops the run.
+
+    The mean is the same on every rank, so all ranks stop together, before anything is logged or saved:
+    the last checkpoint stays the last good one.
+    """
+    if not pending:
+        return
+    values = torch.stack([v for _, v in pending]).tolist()
+    steps = [s for s, _ in pending]
+    pending.clear()
+    for step, value in zip(steps, values):
+        if not math.isfinite(value):
+            raise NonFiniteLoss(f"loss is {value} at step {step}; stopping without saving a checkpoint. "
+                                f"The last good checkpoint is {result.checkpoint or '(none yet)'}; "
+                                "lower optim.base_lr or check the data")
+        result.losses[step] = value
 
 
 def _agree(flag: bool, device: torch.device) -> bool:
@@ -188,6 +208,7 @@ def pretrain(cfg: Config, dry_run: bool = False) -> RunResult:
     bar = tqdm(total=cfg.train.steps, initial=start_step, desc="pretrain", unit="step", disable=rank != 0,
                mininterval=2.0, dynamic_ncols=True)
     last_saved = start_step
+    pending: list[tuple[int, torch.Tensor]] = []   # (step, global mean loss) not yet read on the host
     with _Preemption() as preempt:
         try:
             for step in range(start_step, cfg.train.steps):
@@ -217,23 +238,28 @@ def pretrain(cfg: Config, dry_run: bool = False) -> RunResult:
                                                   cfg.swav.sinkhorn_iterations, qscores, return_assignments=True)
                     loss = loss + head_loss / n_heads
                     qs.append(head_q[0])
-                loss_value = distributed.all_reduce_mean(loss).item()
-                if not math.isfinite(loss_value):  # the same mean on every rank: all stop together
-                    raise NonFiniteLoss(f"loss is {loss_value} at step {step + 1}; stopping before the update. "
-                                        f"The last good checkpoint is {result.checkpoint or '(none yet)'}; "
-                                        "lower optim.base_lr or check the data")
+                pending.append((step + 1, distributed.all_reduce_mean(loss)))  # stays on the device
                 engine.backward(loss)
                 engine.step()
                 if step >= cfg.swav.queue_start_step and queue.length:
                     for i, crop_id in enumerate(cfg.swav.crops_for_assign):
                         queue.push(i, emb[bs * crop_id: bs * (crop_id + 1)].float())
 
-                result.losses[step + 1] = loss_value
                 result.step = step + 1
                 window["steps"] += 1
                 bar.update(1)
 
-                if result.step % cfg.train.log_every == 0 or result.step == cfg.train.steps:
+                log_now = result.step % cfg.train.log_every == 0 or result.step == cfg.train.steps
+                due = result.step % cfg.checkpoint.every == 0 or result.step == cfg.train.steps
+                stop = False
+                if log_now or due or result.step % cfg.train.sync_every == 0 or result.step == cfg.train.stop_after:
+                    # The only host syncs of a step: read the losses since the last agreement (and check
+                    # them before anything is logged or saved), and agree on preemption across ranks.
+                    _read_losses(pending, result)
+                    stop = _agree(preempt.requested, device) or result.step == cfg.train.stop_after
+                loss_value = result.losses.get(result.step, float("nan"))
+
+                if log_now:
                     entropy, in_use = assignment_stats(qs[0])
                     elapsed = time.perf_counter() - window["t0"]
                     row = {"step": result.step, "loss": loss_value, "lr": lr,
@@ -251,8 +277,6 @@ def pretrain(cfg: Config, dry_run: bool = False) -> RunResult:
                              row["entropy_max"], in_use, "on" if use_queue else "off")
                     window = {"t0": time.perf_counter(), "wait": 0.0, "steps": 0}
 
-                stop = _agree(preempt.requested, device) or result.step == cfg.train.stop_after
-                due = result.step % cfg.checkpoint.every == 0 or result.step == cfg.train.steps
                 if due or stop:
                     result.checkpoint = save_checkpoint(cfg, engine, queue, loader, store, stage_root, result.step,
                                                         rank, world)

@@ -195,9 +195,18 @@ def test_sigterm_checkpoints_at_the_end_of_the_step_and_the_rerun_continues(shar
     os.killpg(proc.pid, signal.SIGTERM)
     out, _ = proc.communicate(timeout=300)
     assert proc.returncode == 0, out[-3000:]
-    assert "checkpointing at the end of this step" in out
+    assert "checkpointing at the end of the step" in out
     latest = json.loads((run / "checkpoints" / "latest").read_text())
     assert 3 <= latest["step"] < STEPS and latest["step"] == max(losses(run))
     r = swav_cli(*args(shard_set, run, "checkpoint.every=100"))
     assert r.returncode == 0, r.stderr[-3000:]
     assert losses(run) == baselines[1]
+
+
+def test_losses_read_every_few_steps_equal_the_per_step_ones(shard_set, tmp_path, baselines):
+    # sync_every=3, log_every=4: the host reads the device losses at steps 3, 4, 6, 8 (and agrees on
+    # preemption there) instead of every step; the training itself must not change.
+    run = tmp_path / "run"
+    r = swav_cli(*args(shard_set, run, "train.log_every=4", "train.sync_every=3", "checkpoint.every=100"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert losses(run) == {s: baselines[1][s] for s in (4, 8)}
