@@ -96,7 +96,7 @@ def make_set(root: Path, rows: int) -> None:
 
 
 CHILD = r"""
-import json, sys, time, resource
+import json, sys, time
 sys.path.insert(0, {repo!r}); sys.path.insert(0, {here!r})
 which, root, impl = sys.argv[1], sys.argv[2], sys.argv[3]
 if impl == "new":
@@ -112,7 +112,8 @@ else:
     d = info(root)
     out = {{"inputs": d["inputs"]}}
 out["seconds"] = time.perf_counter() - t0
-out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+# VmHWM, not ru_maxrss: Linux carries ru_maxrss across fork+exec, so it would report the parent's size.
+out["peak_rss_mb"] = next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM")) / 1024
 print(json.dumps(out))
 """
 

@@ -33,14 +33,15 @@ def _manifests(fs, root: str) -> list[str]:
     return sorted(p for p in fs.ls(path, detail=False) if p.endswith(".parquet"))
 
 
-def _scan(fs, manifests: list[str], want_hashes: bool) -> tuple[dict, dict, list, pa.Table | None]:
+def _scan(fs, manifests: list[str], want_hashes: bool) -> tuple[dict, dict, list, dict | None]:
     """One read of every manifest: (counts, reasons, shard entries, accepted rows' hash prefixes).
 
-    Columnar and per manifest, so memory holds one manifest plus 24 bytes per accepted row for the
+    Columnar and per manifest, so memory holds one manifest plus 16 bytes per accepted row for the
     cross-part duplicate search (a 64-bit prefix of the content hash, the manifest and the row).
     """
     counts, reasons = {"inputs": 0, ACCEPTED: 0, REJECTED: 0}, {}
-    entries, hashes = [], []
+    entries: list[dict] = []
+    hashes: dict[str, list[np.ndarray]] = {"h": [], "m": [], "row": []}
     for mi, m in enumerate(manifests):
         table = from_parquet_bytes(read_bytes(fs, m), columns=["status", "reason", "sha256"])
         meta = table.schema.metadata or {}
@@ -55,24 +56,44 @@ def _scan(fs, manifests: list[str], want_hashes: bool) -> tuple[dict, dict, list
         for item in pc.value_counts(table["reason"].filter(pc.invert(accepted))).to_pylist():
             reasons[item["values"]] = reasons.get(item["values"], 0) + item["counts"]
         if want_hashes and n_acc:
-            rows = pc.indices_nonzero(accepted).cast(pa.int32())
-            prefix = pc.utf8_slice_codeunits(table["sha256"].filter(accepted), 0, 16).combine_chunks()
-            hashes.append(pa.table({"h": prefix, "m": pa.array(np.full(len(rows), mi, np.int32)), "row": rows}))
-    found = pa.concat_tables(hashes).combine_chunks() if hashes else None
-    return counts, reasons, entries, found
+            rows = pc.indices_nonzero(accepted).to_numpy().astype(np.int32)
+            hashes["h"].append(_prefix64(table["sha256"].filter(accepted).combine_chunks()))
+            hashes["m"].append(np.full(len(rows), mi, np.int32))
+            hashes["row"].append(rows)
+    if not want_hashes or not hashes["h"]:
+        return counts, reasons, entries, None
+    return counts, reasons, entries, {k: np.concatenate(v) for k, v in hashes.items()}
 
 
-def _candidates(hashes: pa.Table | None) -> dict[int, list[int]]:
+_HEX = np.full(256, 255, np.uint8)
+_HEX[np.frombuffer(b"0123456789abcdef", np.uint8)] = np.arange(16, dtype=np.uint8)
+_HEX[np.frombuffer(b"ABCDEF", np.uint8)] = np.arange(10, 16, dtype=np.uint8)
+
+
+def _prefix64(sha: pa.StringArray) -> np.ndarray:
+    """The first 64 bits of each hex digest, read straight from the arrow buffers (8 bytes per row)."""
+    offsets = np.frombuffer(sha.buffers()[1], np.int32)[sha.offset: sha.offset + len(sha) + 1]
+    data = np.frombuffer(sha.buffers()[2], np.uint8)
+    if sha.null_count or not (np.diff(offsets) == 64).all():
+        raise UserError("a manifest holds a sha256 that is not 64 hex digits; the shard set is damaged")
+    nibbles = _HEX[data[offsets[:-1, None] + np.arange(16)]]
+    packed = (nibbles[:, 0::2] << 4) | nibbles[:, 1::2]
+    return np.ascontiguousarray(packed).view(">u8").ravel().astype(np.uint64)
+
+
+def _candidates(hashes: dict | None) -> dict[int, list[int]]:
     """manifest number -> rows whose 64-bit hash prefix occurs more than once (exact check follows)."""
     if hashes is None:
         return {}
-    grouped = hashes.group_by("h").aggregate([("h", "count")])
-    repeated = grouped.filter(pc.greater(grouped["h_count"], 1))["h"]
-    if not len(repeated):
-        return {}
-    hit = hashes.filter(pc.is_in(hashes["h"], value_set=repeated.combine_chunks()))
+    order = pc.sort_indices(pa.array(hashes["h"])).to_numpy()
+    ordered = hashes["h"][order]
+    same = ordered[1:] == ordered[:-1]
+    hit = np.zeros(len(ordered), bool)
+    hit[1:] |= same
+    hit[:-1] |= same
     out: dict[int, list[int]] = {}
-    for m, row in zip(hit["m"].to_pylist(), hit["row"].to_pylist()):
+    picked = order[hit]
+    for m, row in zip(hashes["m"][picked].tolist(), hashes["row"][picked].tolist()):
         out.setdefault(m, []).append(row)
     return out
 

@@ -5,9 +5,6 @@ from __future__ import annotations
 import io
 from typing import BinaryIO, Iterator
 
-import webdataset as wds
-from webdataset.tariterators import tar_file_iterator
-
 from shards.members import UnsafeMember, split_member
 
 # A fixed timestamp makes a rebuilt shard byte-identical to the first build.
@@ -16,6 +13,8 @@ FIXED_MTIME = 946684800  # 2000-01-01T00:00:00Z
 
 def write_tar(samples: list[dict]) -> bytes:
     """Serialise samples ({"__key__", "jpg": bytes, "json": bytes}) into tar bytes."""
+    import webdataset as wds  # here, not at import: it imports torch, which the sharding stage never needs
+
     buf = io.BytesIO()
     writer = wds.TarWriter(buf, mtime=FIXED_MTIME, user="swav", group="swav", mode=0o444)
     for s in samples:
@@ -33,6 +32,8 @@ def iter_samples(stream: BinaryIO) -> Iterator[dict]:
     paths, separators, unknown extensions) and tarfile/OSError for a
     truncated or corrupt tar; callers decide whether that skips the shard.
     """
+    from webdataset.tariterators import tar_file_iterator
+
     current: dict | None = None
     for member in tar_file_iterator(stream, skip_meta=None):
         key, ext = split_member(member["fname"])
