@@ -18,11 +18,24 @@ log = logging.getLogger("swav")
 
 
 def _pretrain(args: argparse.Namespace) -> int:
+    from swav.catalog import resolve_config
     from swav.config import load_config
     from swav.train import pretrain
 
-    cfg = load_config(args.config, args.overrides)
+    cfg = load_config(resolve_config(args.config), args.overrides)
     pretrain(cfg, dry_run=args.dry_run)
+    return 0
+
+
+def _jobs(args: argparse.Namespace) -> int:
+    from swav.catalog import jobs_dir, shipped_jobs
+
+    jobs = shipped_jobs()
+    width = max(map(len, jobs), default=0)
+    for name, what in jobs.items():
+        print(f"{name:<{width}}  {what}")
+    print(f"\n{len(jobs)} jobs in {jobs_dir()}; run one with `swav pretrain NAME data.url=... [key=value ...]`, "
+          f"or copy its YAML and edit it")
     return 0
 
 
@@ -113,10 +126,14 @@ def build_parser() -> argparse.ArgumentParser:
                         description="Run SwAV pretraining. CONFIG is a YAML file (see jobs/); overrides are dotted "
                                     "key=value pairs, e.g. train.steps=500 deepspeed.zero_stage=2. Rerunning the "
                                     "same command resumes from the latest checkpoint.")
-    pt.add_argument("config", metavar="CONFIG", help="YAML config file")
+    pt.add_argument("config", metavar="CONFIG", help="YAML config file, or the name of a shipped job (`swav jobs`)")
     pt.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
     pt.add_argument("--dry-run", action="store_true", help="resolve the config, build the model, print, and stop")
     pt.set_defaults(func=_pretrain)
+
+    jb = sub.add_parser("jobs", help="list the shipped jobs (`swav pretrain NAME` runs one)",
+                        description="The job YAMLs shipped with the package, and where they are installed.")
+    jb.set_defaults(func=_jobs)
 
     ev = sub.add_parser("eval", help="kNN or linear-probe evaluation of frozen trunk features",
                         description="Evaluate frozen trunk features on a labelled image folder (class per "

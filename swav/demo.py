@@ -22,10 +22,11 @@ import time
 from pathlib import Path
 
 from shards.errors import UserError
+from swav.catalog import jobs_dir
 
 log = logging.getLogger("swav.demo")
 
-DEMO_CONFIG = Path(__file__).resolve().parent.parent / "jobs" / "demo.yaml"
+DEMO_CONFIG = jobs_dir() / "demo.yaml"
 RANDOM_SEEDS = tuple(range(7))   # other random inits for scale: the first five that are not the run's seed
 
 
