@@ -25,12 +25,20 @@ import numpy as np
 
 from shards.index import ShardIndex
 from shards.members import UnsafeMember
-from shards.storage import get_fs, is_transient
+from shards.errors import UserError
+from shards.storage import explain, get_fs, is_transient
 from shards.tario import iter_samples
 
 log = logging.getLogger(__name__)
 
 STATE_VERSION = 1
+# Shards that fail one after another in a random order mean broken storage, not bad shards: stop
+# with a named error instead of walking the whole index behind a storm of warnings.
+MAX_UNREADABLE_IN_A_ROW = 8
+
+
+class StorageAccessError(UserError):
+    """The shard set cannot be read (access denied, expired credentials, no such bucket, ...)."""
 _MASK = (1 << 64) - 1
 
 
@@ -104,6 +112,7 @@ class ShardStream:
         self.cache_dir, self.cache_max_bytes, self.retries = cache_dir, cache_max_bytes, retries
         self.stats = StreamStats()
         self._fs = None
+        self._unreadable_in_a_row = 0
         # After a change of consumer layout: slots other consumers finished, and where open ones stood.
         plan = plan or {}
         self.base = plan.get("base", base_slot)
@@ -159,6 +168,7 @@ class ShardStream:
                 if attempts > 4 * self.window + len(self.index):
                     raise RuntimeError("no readable shard in the shard set")
                 continue
+            self._unreadable_in_a_row = 0
             self.draws += 1
             self.open[j][1] += 1
             self.stats.samples += 1
@@ -179,6 +189,11 @@ class ShardStream:
         except (UnsafeMember, OSError, ValueError, EOFError) as e:
             shard, _ = self.order.shard_at(slot)
             self.stats.shards_skipped += 1
+            self._unreadable_in_a_row += 1
+            if self._unreadable_in_a_row >= MAX_UNREADABLE_IN_A_ROW:
+                raise StorageAccessError(f"{self._unreadable_in_a_row} shards in a row could not be read (the last: "
+                                         f"{self.index.name(shard)}: {type(e).__name__}: {e}); the shard set or its "
+                                         f"storage is broken") from None
             log.warning("skipping the rest of shard %s (%s: %s); %d shard(s) skipped so far",
                         self.index.name(shard), type(e).__name__, e, self.stats.shards_skipped)
             return None
@@ -206,6 +221,12 @@ class ShardStream:
                 raise
             except Exception as e:  # noqa: BLE001 - classified
                 failures += 1
+                named = explain(e, url)
+                if isinstance(e, PermissionError) or str(named).startswith(("access denied", "no credentials")) \
+                        or "NoSuchBucket" in str(e) or "ExpiredToken" in str(e):
+                    # Permanent for every shard, not a property of this one: stop the run, within seconds.
+                    raise StorageAccessError(f"{named}; fix the storage credentials and rerun the same command "
+                                             f"to resume from the last checkpoint") from None
                 if not is_transient(e) or failures > self.retries or isinstance(e, FileNotFoundError):
                     raise OSError(f"{type(e).__name__}: {e}") from e
                 delay = 0.1 * 2 ** (failures - 1)

@@ -83,6 +83,17 @@ class _Preemption:
             signal.signal(sig, old)
 
 
+def _next_batch(it):
+    """The next batch; a named error raised in a DataLoader worker stays a one-line named error here."""
+    try:
+        return next(it)
+    except UserError as e:
+        # The DataLoader re-raises a worker's exception with the worker's traceback as its message;
+        # the error's own words are the traceback's last line.
+        text = str(e).strip().splitlines()[-1] if str(e).strip() else str(e)
+        raise type(e)(text.split(": ", 1)[1] if text.startswith(("shards.", "swav.")) else text) from None
+
+
 def _read_losses(pending: list[tuple[int, torch.Tensor]], result: "RunResult") -> None:
     """Move the pending losses to the host in one transfer; a non-finite one stops the run.
 
@@ -216,7 +227,7 @@ def pretrain(cfg: Config, dry_run: bool = False) -> RunResult:
                 set_step_hyperparams(optimizer, lr, freeze_prototypes=step < cfg.swav.freeze_prototypes_steps)
 
                 t_wait = time.perf_counter()
-                batch = next(it)
+                batch = _next_batch(it)
                 window["wait"] += time.perf_counter() - t_wait
                 crops = batch.augment(device)
                 if on_gpu and cfg.model.channels_last:

@@ -17,7 +17,7 @@ from PIL import Image
 from shards import layout
 from shards.index import load_index
 from shards.manifest import INDEX_SCHEMA, to_parquet_bytes
-from shards.stream import ShardStream, resume_plan
+from shards.stream import ShardStream, StorageAccessError, resume_plan
 from shards.tario import write_tar
 from swav.config import load_config
 from swav.data import build_loader
@@ -141,6 +141,42 @@ def test_a_truncated_shard_is_skipped_and_counted(tmp_path, caplog):
     assert s.stats.shards_skipped >= 1
     assert any("skipping the rest of shard" in r.message for r in caplog.records)
     assert {k.split("-")[0] for k in got} >= {"s0000", "s0001", "s0003"}
+
+
+def test_shards_that_fail_one_after_another_stop_the_stream_with_a_named_error(tmp_path):
+    root = synthetic_set(tmp_path / "set", shards=40, per_shard=3)
+    for tar in (root / "shards").glob("*.tar"):
+        tar.write_bytes(b"not a tar" * 100)
+    s = ShardStream(load_index(str(root)), 0, 0, 1)
+    with pytest.raises(StorageAccessError, match="8 shards in a row could not be read"):
+        next(s)
+    assert s.stats.shards_skipped == 8, "it stopped instead of walking all 40 shards"
+
+
+def test_access_denied_mid_stream_is_a_named_error_within_seconds(tmp_path, s3):
+    import time
+    import urllib.request
+
+    fs, opts, name = s3
+    root = synthetic_set(tmp_path / "set", shards=30, per_shard=2)
+    fs.put(str(root) + "/", f"{name}/set/", recursive=True)
+    endpoint = opts["client_kwargs"]["endpoint_url"]
+    s = ShardStream(load_index(f"s3://{name}/set", opts), 0, 0, 1, window=2, storage_options=opts)
+    assert len(keys(s, 4)) == 4
+
+    def auth(count: str) -> None:   # moto's switch: "0" checks every request's credentials, "inf" none
+        urllib.request.urlopen(urllib.request.Request(f"{endpoint}/moto-api/reset-auth", data=count.encode(),
+                                                      headers={"Content-Type": "text/plain"}, method="POST")).read()
+
+    auth("0")   # the test credentials are now unknown to the store: every request is refused
+    try:
+        t0 = time.perf_counter()
+        with pytest.raises(StorageAccessError, match="access denied|credentials"):
+            keys(s, 60)
+        assert time.perf_counter() - t0 < 10
+    finally:
+        auth("inf")
+    assert s.stats.shards_skipped == 0, "a refused read is not a bad shard"
 
 
 class _FlakyProxy(http.server.BaseHTTPRequestHandler):
