@@ -339,6 +339,22 @@ def save_checkpoint(cfg: Config, engine, queue: EmbeddingQueue, loader, store: c
     return store.url + "/" + tag
 
 
+def _warn_about_config_changes(cfg: Config, store: ckpt.CheckpointStore, ref) -> None:
+    """Name every setting that differs from the checkpoint's config and changes what is trained."""
+    from shards.storage import join, read_bytes, redact
+    from swav.config import to_dict
+    from swav.config_diff import schedule_changes
+
+    try:
+        saved = read_bytes(store.fs, join(store.root, ref.tag, ckpt.CONFIG)).decode("utf-8")
+    except Exception:  # noqa: BLE001 - an older checkpoint without its config: nothing to compare
+        return
+    changes = schedule_changes(saved, redact(to_dict(cfg)))
+    if changes:
+        log.warning("resuming with %d setting(s) that differ from the checkpoint's config and change the "
+                    "training: %s", len(changes), "; ".join(changes))
+
+
 def _resume(cfg: Config, engine, queue: EmbeddingQueue, store: ckpt.CheckpointStore, stage_root: str,
             rank: int, world: int):
     """(start step, this rank's loader state or None, stream plan or None, checkpoint URL)."""
@@ -351,6 +367,8 @@ def _resume(cfg: Config, engine, queue: EmbeddingQueue, store: ckpt.CheckpointSt
         if ref is None:
             return 0, None, None, ""
     log.info("resuming from %s (step %d, saved by %d rank(s))", ref.url, ref.step, ref.world_size)
+    if rank == 0:
+        _warn_about_config_changes(cfg, src, ref)
     local = os.path.join(stage_root, "resume-" + ref.tag)
     ckpt.clear_dir(local)
     same_world = ref.world_size == world

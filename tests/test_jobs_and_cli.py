@@ -63,12 +63,7 @@ def test_override_errors_are_one_line_and_name_the_key():
                             ("crops.blur_prob=1.5", "crops.blur_prob must be between 0 and 1"),
                             ("crops.blur_sigma=[2,1]", "crops.blur_sigma must be [low, high]"),
                             ("model=3", "'model' is a section"),
-                            ("checkpoint.every=0", "checkpoint.every must be >= 1"),
-                            ("train.log_every=0", "train.log_every must be >= 1"),
-                            ("swav.epsilon=0", "swav.epsilon must be > 0"),
-                            ("swav.temperature=-0.1", "swav.temperature must be > 0"),
-                            ("deepspeed.extra={gradient_accumulation_steps: 4}", "gradient_accumulation_steps is not"),
-                            ("deepspeed.extra={bf16: {enabled: true}}", "set precision: bf16 instead")):
+                            ("checkpoint.every=0", "checkpoint.every must be >= 1")):
         r = swav_cli("pretrain", "jobs/tiny.yaml", override, "--dry-run")
         assert r.returncode == 2, override
         assert words in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
@@ -81,3 +76,20 @@ def test_dry_run_prints_the_resolved_config_and_warns_about_settings_that_do_not
     assert "resolved config" in r.stderr and "precision: bf16" in r.stderr
     assert "CPU bf16 is slow" in r.stderr
     assert (Path(tmp_path) / "config.yaml").exists()
+
+
+@pytest.mark.parametrize("override, words", [
+    ("train.log_every=0", "train.log_every must be >= 1"),
+    ("train.sync_every=0", "train.sync_every must be >= 1"),
+    ("swav.epsilon=0", "swav.epsilon must be > 0"),
+    ("swav.temperature=-0.1", "swav.temperature must be > 0"),
+    ("deepspeed.extra={gradient_accumulation_steps: 4}", "gradient_accumulation_steps is not supported"),
+    ("deepspeed.extra={bf16: {enabled: true}}", "set precision: bf16 instead"),
+])
+def test_configs_that_would_crash_or_mislead_are_refused(override, words):
+    # In-process: the CLI's one-line rendering of these errors is covered above.
+    from shards.errors import UserError
+    from swav.config import load_config
+
+    with pytest.raises(UserError, match=words):
+        load_config(str(REPO / "jobs" / "tiny.yaml"), [override])

@@ -210,3 +210,14 @@ def test_losses_read_every_few_steps_equal_the_per_step_ones(shard_set, tmp_path
     r = swav_cli(*args(shard_set, run, "train.log_every=4", "train.sync_every=3", "checkpoint.every=100"))
     assert r.returncode == 0, r.stderr[-3000:]
     assert losses(run) == {s: baselines[1][s] for s in (4, 8)}
+
+
+def test_resume_names_each_setting_that_changes_the_training(shard_set, tmp_path):
+    run = tmp_path / "run"
+    r = swav_cli(*args(shard_set, run, "train.steps=1", "checkpoint.every=1"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    r = swav_cli(*args(shard_set, run, "train.steps=2", "optim.base_lr=0.3", "train.log_every=2"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    line = next(x for x in r.stderr.splitlines() if "differ from the checkpoint's config" in x)
+    assert "train.steps: 1 -> 2" in line and "optim.base_lr: 0.6 -> 0.3" in line, line
+    assert "log_every" not in line and "2 setting(s)" in line, line
