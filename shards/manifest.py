@@ -26,7 +26,7 @@ REASONS = (
 )
 
 MANIFEST_SCHEMA = pa.schema([
-    ("list_pos", pa.int64()),      # position in the deterministic listing of the source
+    ("list_pos", pa.int64()),      # position in the listing this build took (store order; the snapshot keeps it)
     ("url", pa.string()),          # source object URL
     ("size", pa.int64()),          # bytes in storage
     ("status", pa.string()),       # accepted | rejected
