@@ -86,3 +86,12 @@ def torchrun(nproc: int, *args: str, module: bool = True, env: dict | None = Non
     cmd += ["-m", "swav.cli", *args] if module else list(args)
     return subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env={**os.environ, **(env or {})},
                           timeout=timeout)
+
+
+def moto_auth(endpoint: str, enforce: bool) -> None:
+    """moto's credential check: on, every request needs credentials the store knows; off, none is checked."""
+    import urllib.request
+
+    urllib.request.urlopen(urllib.request.Request(f"{endpoint}/moto-api/reset-auth",
+                                                  data=b"0" if enforce else b"inf",
+                                                  headers={"Content-Type": "text/plain"}, method="POST")).read()

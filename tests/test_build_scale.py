@@ -12,7 +12,6 @@ import shutil
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import psutil
@@ -20,7 +19,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import REPO, swav_cli
+from conftest import REPO, moto_auth, swav_cli
 from pipeline.listing import walk
 from pipeline.order import order_key
 from test_build_faults import jpegs, tree
@@ -191,17 +190,14 @@ def test_wrong_credentials_stop_with_a_named_error_and_publish_nothing(s3, tmp_p
     fs.put(str(tmp_path / "src") + "/", f"{name}/raw/", recursive=True)
     endpoint = opts["client_kwargs"]["endpoint_url"]
 
-    def auth(count: str) -> None:   # moto's switch: "0" checks every request's credentials, "inf" none
-        urllib.request.urlopen(urllib.request.Request(f"{endpoint}/moto-api/reset-auth", data=count.encode(),
-                                                      headers={"Content-Type": "text/plain"}, method="POST")).read()
 
     dst = tmp_path / "out"
-    auth("0")
+    moto_auth(endpoint, True)
     try:
         r = swav_cli("shards", "build", f"s3://{name}/raw", str(dst), "--endpoint-url", endpoint, *FLAGS,
                      env={"AWS_ACCESS_KEY_ID": "AKIAWRONGWRONGWRONG0", "AWS_SECRET_ACCESS_KEY": "not-the-secret"})
     finally:
-        auth("inf")
+        moto_auth(endpoint, False)
     assert r.returncode == 2, r.stderr[-1500:]
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: access denied to s3://"), r.stderr[-1500:]

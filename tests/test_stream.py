@@ -14,6 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
+from conftest import moto_auth
 from shards import layout
 from shards.index import load_index
 from shards.manifest import INDEX_SCHEMA, to_parquet_bytes
@@ -155,7 +156,6 @@ def test_shards_that_fail_one_after_another_stop_the_stream_with_a_named_error(t
 
 def test_access_denied_mid_stream_is_a_named_error_within_seconds(tmp_path, s3):
     import time
-    import urllib.request
 
     fs, opts, name = s3
     root = synthetic_set(tmp_path / "set", shards=30, per_shard=2)
@@ -164,18 +164,15 @@ def test_access_denied_mid_stream_is_a_named_error_within_seconds(tmp_path, s3):
     s = ShardStream(load_index(f"s3://{name}/set", opts), 0, 0, 1, window=2, storage_options=opts)
     assert len(keys(s, 4)) == 4
 
-    def auth(count: str) -> None:   # moto's switch: "0" checks every request's credentials, "inf" none
-        urllib.request.urlopen(urllib.request.Request(f"{endpoint}/moto-api/reset-auth", data=count.encode(),
-                                                      headers={"Content-Type": "text/plain"}, method="POST")).read()
 
-    auth("0")   # the test credentials are now unknown to the store: every request is refused
+    moto_auth(endpoint, True)   # the test credentials are now unknown to the store: every request is refused
     try:
         t0 = time.perf_counter()
         with pytest.raises(StorageAccessError, match="access denied|credentials"):
             keys(s, 60)
         assert time.perf_counter() - t0 < 10
     finally:
-        auth("inf")
+        moto_auth(endpoint, False)
     assert s.stats.shards_skipped == 0, "a refused read is not a bad shard"
 
 
