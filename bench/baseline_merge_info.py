@@ -12,7 +12,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipeline.build import read_manifest, tool_version, _table_bytes
-from pipeline.merge import _manifests
+from pipeline.merge import _drop_from_shard, _manifests
 from pipeline.order import order_key
 from shards import layout
 from shards.errors import UserError
@@ -47,22 +47,7 @@ def _drop_cross_part_duplicates(fs, root: str, manifests: list[str], source: str
         else:
             first[sha] = url
     for man, keys in sorted(losers.items()):
-        table, entry = read_manifest(fs, man)
-        tar_path = join(root, entry["name"])
-        with fs.open(tar_path, "rb") as f:
-            kept = [s for s in iter_samples(f) if s["__key__"] not in keys]
-        data = write_tar(kept)
-        entry.update(samples=len(kept), bytes=len(data), sha256=hashlib.sha256(data).hexdigest())
-        write_bytes(fs, tar_path, data)
-        cols = table.to_pydict()
-        for i, key in enumerate(cols["key"]):
-            if key in keys:
-                cols["status"][i], cols["reason"][i] = REJECTED, "duplicate"
-                cols["detail"][i] = f"same normalised content as {keys[key]}"
-                cols["key"][i] = cols["shard"][i] = None
-        new = pa.Table.from_pydict(cols, schema=table.schema.remove_metadata())
-        write_bytes(fs, man, _table_bytes(new.replace_schema_metadata({"shard": json.dumps(entry)})))
-        log.info("dropped %d cross-part duplicate(s) from %s", len(keys), entry["name"])
+        _drop_from_shard(fs, root, man, keys)   # the rewrite itself is shared with today's merge
     return sum(len(k) for k in losers.values())
 
 

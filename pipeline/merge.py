@@ -121,26 +121,31 @@ def _drop_cross_part_duplicates(fs, root: str, manifests: list[str], candidates:
         group.sort()
         for _, key, _, man in group[1:]:
             losers.setdefault(man, {})[key] = group[0][2]
-    rewritten = {}
-    for man, keys in sorted(losers.items()):
-        table, entry = read_manifest(fs, man)
-        tar_path = join(root, entry["name"])
-        with fs.open(tar_path, "rb") as f:
-            kept = [s for s in iter_samples(f) if s["__key__"] not in keys]
-        data = write_tar(kept)
-        entry.update(samples=len(kept), bytes=len(data), sha256=hashlib.sha256(data).hexdigest())
-        write_bytes(fs, tar_path, data)
-        cols = table.to_pydict()
-        for i, key in enumerate(cols["key"]):
-            if key in keys:
-                cols["status"][i], cols["reason"][i] = REJECTED, "duplicate"
-                cols["detail"][i] = f"same normalised content as {keys[key]}"
-                cols["key"][i] = cols["shard"][i] = None
-        new = pa.Table.from_pydict(cols, schema=table.schema.remove_metadata())
-        write_bytes(fs, man, _table_bytes(new.replace_schema_metadata({"shard": json.dumps(entry)})))
-        rewritten[entry["name"]] = entry
-        log.info("dropped %d cross-part duplicate(s) from %s", len(keys), entry["name"])
+    rewritten = {entry["name"]: entry for entry in (_drop_from_shard(fs, root, man, keys)
+                                                    for man, keys in sorted(losers.items()))}
     return sum(len(k) for k in losers.values()), rewritten
+
+
+def _drop_from_shard(fs, root: str, manifest: str, keys: dict[str, str]) -> dict:
+    """Rewrite one shard without `keys` (key -> the URL whose copy is kept) and mark them duplicates in its
+    manifest; returns the shard's new index entry."""
+    table, entry = read_manifest(fs, manifest)
+    tar_path = join(root, entry["name"])
+    with fs.open(tar_path, "rb") as f:
+        kept = [s for s in iter_samples(f) if s["__key__"] not in keys]
+    data = write_tar(kept)
+    entry.update(samples=len(kept), bytes=len(data), sha256=hashlib.sha256(data).hexdigest())
+    write_bytes(fs, tar_path, data)
+    cols = table.to_pydict()
+    for i, key in enumerate(cols["key"]):
+        if key in keys:
+            cols["status"][i], cols["reason"][i] = REJECTED, "duplicate"
+            cols["detail"][i] = f"same normalised content as {keys[key]}"
+            cols["key"][i] = cols["shard"][i] = None
+    new = pa.Table.from_pydict(cols, schema=table.schema.remove_metadata())
+    write_bytes(fs, manifest, _table_bytes(new.replace_schema_metadata({"shard": json.dumps(entry)})))
+    log.info("dropped %d cross-part duplicate(s) from %s", len(keys), entry["name"])
+    return entry
 
 
 def _check_parts(dst: str, records: list[dict], manifests: list[str], num_parts: int) -> None:
