@@ -19,10 +19,17 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/python -m pip install -q -c constraints.txt -e '.[test]'
 	touch $@
 
+# img2dataset in a venv of its own, as its users run it: it pins webdataset<0.3 and opencv<5, which
+# would downgrade ours. Only the tests need it (they drive its real CLI), so `make demo` skips it.
+I2D := $(VENV)/tools/img2dataset/bin/img2dataset
+$(I2D): $(STAMP)
+	$(PY) -m venv $(VENV)/tools/img2dataset
+	$(VENV)/tools/img2dataset/bin/python -m pip install -q img2dataset==1.47.0
+
 demo: setup
 	$(BIN)/swav demo
 
-test: setup
+test: setup $(I2D)
 	$(BIN)/python -m pytest -q --durations=15 tests
 
 bench: setup

@@ -13,6 +13,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 import augment_rate  # noqa: E402
 import build_rate  # noqa: E402
 import decode_scales  # noqa: E402
+import index_memory  # noqa: E402
 import step_time  # noqa: E402
 
 
@@ -23,6 +24,7 @@ def main() -> None:
     results["augment_and_stream"] = augment_rate.main()
     results["decode_scales"] = decode_scales.main()
     results["step_time"] = step_time.main()
+    results["index_memory"] = index_memory.main()
     out = os.path.join(os.path.dirname(__file__), "results", f"cpu-{results['date']}.json")
     os.makedirs(os.path.dirname(out), exist_ok=True)
     with open(out, "w") as f:

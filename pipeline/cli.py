@@ -7,6 +7,7 @@ import json
 import sys
 
 from pipeline.normalise import NormaliseConfig
+from shards.members import IMAGE_EXTENSIONS
 from shards.errors import UserError
 from shards.storage import merge_options, options_from_env, s3_options
 
@@ -46,7 +47,7 @@ def register(sub: argparse._SubParsersAction) -> argparse._SubParsersAction:
     """Add `shards build|info|verify`; returns the `shards` sub-commands so the app can add its own."""
     sp = sub.add_parser("shards", help="build, inspect and verify shard sets",
                         description="Shard sets: WebDataset tars + parquet manifests + index + build record.")
-    ssub = sp.add_subparsers(dest="shards_command", metavar="{build,info,verify,peek}")
+    ssub = sp.add_subparsers(dest="shards_command", metavar="{build,index,info,verify,peek}")
     d = NormaliseConfig()
     b = ssub.add_parser("build", help="build a shard set from a bucket of raw images",
                         description="List SRC, validate and normalise every object, and write a shard set to DST. "
@@ -81,6 +82,22 @@ def register(sub: argparse._SubParsersAction) -> argparse._SubParsersAction:
     b.add_argument("--io-threads", type=int, default=16, help="concurrent reads from the source (default 16)")
     b.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_storage_flags(b)
+    x = ssub.add_parser("index", help="make existing WebDataset tars (img2dataset, LAION, ...) a shard set",
+                        description="Write an index and build record at DST for WebDataset tars another tool wrote, "
+                                    "without rewriting them; then `swav pretrain data.url=DST` streams them. Counts "
+                                    "come from img2dataset's <shard>_stats.json when present, else from a scan.")
+    x.add_argument("source", metavar="SOURCE",
+                   help="the tars: a brace pattern (s3://b/laion/{00000..41455}.tar), a prefix (every .tar under "
+                        "it) or a list file (.txt/.csv/.parquet, one tar URL per line or a url column)")
+    x.add_argument("dst", metavar="DST", help="where the index and build record go (the tars stay where they are)")
+    x.add_argument("--image-ext", default=",".join(IMAGE_EXTENSIONS), metavar="EXTS",
+                   help="member extensions taken as the image, first present wins (default %(default)s)")
+    x.add_argument("--scan", action="store_true",
+                   help="read every tar even where img2dataset stats exist (records sizes, sha256, left-out samples)")
+    x.add_argument("--skip-missing", action="store_true", help="index the tars that exist when SOURCE names absent ones")
+    x.add_argument("--threads", type=int, default=16, help="concurrent tar reads (default 16)")
+    x.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_storage_flags(x)
     i = ssub.add_parser("info", help="counts by status, shards, bytes, size histogram",
                         description="Summarise a published shard set from its index and manifests.")
     i.add_argument("dst", metavar="DST", help="shard set URL")
@@ -127,6 +144,17 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         if num_parts > 1:
             print(f"part {part}/{num_parts} done; after all parts: swav shards build {args.src} {args.dst} "
                   f"--merge {num_parts}")
+        return 0
+    if args.shards_command == "index":
+        from pipeline.wdsindex import index_webdataset, summary_lines as index_summary
+
+        exts = [e.strip() for e in args.image_ext.split(",") if e.strip()]
+        if not exts:
+            raise UserError("--image-ext needs at least one extension, e.g. jpg,png")
+        rec = index_webdataset(args.source, args.dst, opts, threads=args.threads, image_extensions=exts,
+                               scan=args.scan, skip_missing=args.skip_missing, progress=not args.no_progress)
+        print("\n".join(index_summary(rec)))
+        print(f"published {args.dst}: swav pretrain <job> data.url={args.dst}")
         return 0
     if args.shards_command == "info":
         from pipeline.inspect import format_info, info

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import json
+import os
+import uuid
 from dataclasses import dataclass
 
 import numpy as np
+import pyarrow as pa
 from shards import layout
 from shards.errors import UserError
 from shards.manifest import from_parquet_bytes
+from shards.members import IMAGE_EXTENSIONS
 from shards.storage import explain, get_fs, join, read_bytes, read_json
 
 
@@ -26,7 +31,15 @@ class ShardIndex:
         return len(self.samples)
 
     def shard_url(self, i: int) -> str:
-        return join(self.url, self.name(i))
+        # An indexed set's tars stay where their writer put them: names are relative to shard_root.
+        return join(self.record.get("shard_root") or self.url, self.name(i))
+
+    @property
+    def image_extensions(self) -> list[str] | None:
+        """WebDataset member rules for a set someone else wrote; None for the strict rules of ours."""
+        if self.record.get("format") == "webdataset":
+            return list(self.record.get("image_extensions") or IMAGE_EXTENSIONS)
+        return None
 
     def name(self, i: int) -> str:
         return self.names[int(i)].as_py()
@@ -53,3 +66,30 @@ def load_index(url: str, options: dict | None = None, require_record: bool = Tru
     return ShardIndex(url=url.rstrip("/"), names=table.column("name").combine_chunks(),
                       samples=table.column("samples").to_numpy(), nbytes=table.column("bytes").to_numpy(),
                       sha256=table.column("sha256"), record=record)
+
+
+def share_index(idx: ShardIndex, folder: str) -> str:
+    """Write the index as an Arrow IPC file for other processes to memory-map (open_shared_index).
+
+    DataLoader workers then share one copy through the page cache instead of each loading their own
+    (about 240 MB apiece at a million shards); with the spawn start method they receive only the path.
+    """
+    table = pa.table({"name": idx.names, "samples": pa.array(idx.samples), "bytes": pa.array(idx.nbytes),
+                      "sha256": idx.sha256.combine_chunks() if hasattr(idx.sha256, "combine_chunks") else idx.sha256})
+    table = table.replace_schema_metadata({"url": idx.url, "record": json.dumps(idx.record)})
+    os.makedirs(folder, exist_ok=True)
+    path = os.path.join(folder, f"swav-index-{os.getpid()}-{uuid.uuid4().hex[:8]}.arrow")
+    with pa.OSFile(path + ".tmp", "wb") as f, pa.ipc.new_file(f, table.schema) as writer:
+        writer.write_table(table)
+    os.replace(path + ".tmp", path)
+    return path
+
+
+def open_shared_index(path: str) -> ShardIndex:
+    """A ShardIndex over a memory-mapped file from share_index: its columns are the mapped pages."""
+    table = pa.ipc.open_file(pa.memory_map(path, "r")).read_all()
+    meta = table.schema.metadata
+    return ShardIndex(url=meta[b"url"].decode(), names=table.column("name").chunk(0),
+                      samples=table.column("samples").chunk(0).to_numpy(zero_copy_only=True),
+                      nbytes=table.column("bytes").chunk(0).to_numpy(zero_copy_only=True),
+                      sha256=table.column("sha256").chunk(0), record=json.loads(meta[b"record"]))

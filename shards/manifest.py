@@ -55,7 +55,10 @@ LISTING_SCHEMA = pa.schema([
 
 
 def to_parquet_bytes(rows: list[dict], schema: pa.Schema) -> bytes:
-    table = pa.Table.from_pylist(rows, schema=schema)
+    return table_to_parquet_bytes(pa.Table.from_pylist(rows, schema=schema))
+
+
+def table_to_parquet_bytes(table: pa.Table) -> bytes:
     buf = io.BytesIO()
     pq.write_table(table, buf, compression="zstd")
     return buf.getvalue()

@@ -89,6 +89,7 @@ class StreamStats:
         self.samples = 0
         self.shards_opened = 0
         self.shards_skipped = 0
+        self.rejected: dict[str, int] = {}   # samples of foreign tars left out, by reason
 
 
 class ShardStream:
@@ -211,7 +212,7 @@ class ShardStream:
         while True:
             try:
                 with self._open_url(url) as f:
-                    for i, sample in enumerate(iter_samples(f)):
+                    for i, sample in enumerate(iter_samples(f, self.index.image_extensions, self._reject)):
                         if i < done:
                             continue
                         done += 1
@@ -234,9 +235,13 @@ class ShardStream:
                             failures, self.retries, done, delay)
                 time.sleep(delay)
 
+    def _reject(self, reason: str, name: str) -> None:
+        n = self.stats.rejected[reason] = self.stats.rejected.get(reason, 0) + 1
+        log.warning("left out sample %s (%s); %d %s so far", name, reason, n, reason)
+
     def _open_url(self, url: str):
         if self._fs is None:
-            self._fs, _ = get_fs(self.index.url, self.options)
+            self._fs, _ = get_fs(url, self.options)
         if self.cache_dir and "://" in url and not url.startswith("file://"):
             return open(self._cached(url), "rb")
         # Every open shard of the window holds one read-ahead buffer: 4 MiB each up to 64 MiB in all.

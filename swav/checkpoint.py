@@ -7,6 +7,7 @@ Layout under ``checkpoint.url``::
         rank00000/...           each rank's DeepSpeed files, exactly as DeepSpeed wrote them
         state-rank00000.pt      per-rank state: stream position, queue, RNG (tensors and plain data only)
         config.yaml             the resolved config (credentials redacted)
+        metrics.jsonl           the run's metrics up to this step (a requeue elsewhere keeps its history)
         manifest.json           every file above with its size: written after all uploads, before `latest`
 
 A checkpoint whose manifest is missing, or whose files do not match it, is
@@ -25,7 +26,7 @@ import logging
 import os
 import shutil
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -37,6 +38,7 @@ log = logging.getLogger(__name__)
 MARKER = "latest"
 MANIFEST = "manifest.json"
 CONFIG = "config.yaml"
+METRICS = "metrics.jsonl"
 
 
 def tag_for(step: int) -> str:
@@ -152,12 +154,13 @@ class CheckpointStore:
                             "a 'tag'); fix or delete it, or pass resume_from=<checkpoint URL>") from None
         return tag
 
-    def latest(self) -> CheckpointRef | None:
+    def latest(self, select: Callable[[dict], list[str]] | None = None) -> CheckpointRef | None:
         tag = self.latest_tag()
-        return None if tag is None else self.open(tag)
+        return None if tag is None else self.open(tag, select)
 
-    def open(self, tag: str) -> CheckpointRef:
-        """A checkpoint by tag, verified against its manifest (every file present, sizes equal)."""
+    def open(self, tag: str, select: Callable[[dict], list[str]] | None = None) -> CheckpointRef:
+        """A checkpoint by tag, verified against its manifest (the files `select(manifest)` names, else
+        every file: present, sizes equal). A rank checks only what it will read: O(1) requests each."""
         url = join(self.url, tag)
         mpath = join(self.root, tag, MANIFEST)
         try:
@@ -165,7 +168,10 @@ class CheckpointStore:
                 raise UserError(f"checkpoint {url} is incomplete or missing (no {MANIFEST}); "
                                 "it was never published")
             manifest = json.loads(read_bytes(self.fs, mpath).decode("utf-8"))
+            wanted = set(select(manifest)) if select is not None else set(manifest["files"])
             for name, size in sorted(manifest["files"].items()):
+                if name not in wanted:
+                    continue
                 path = join(self.root, tag, name)
                 if not self.fs.exists(path):
                     raise UserError(f"checkpoint {url} is damaged: {name} is missing")
@@ -197,6 +203,25 @@ class CheckpointStore:
         return safe_load(data, what=state_name(rank))
 
 
+def files_to_load(files: dict[str, int] | list[str], rank: int, same_world: bool, zero_stage: int
+                  ) -> tuple[list[str], list[str]]:
+    """(files every rank of a node loads, files only this rank loads) of a checkpoint's DeepSpeed files.
+
+    DeepSpeed reads the one model-states file (ZeRO 0-2) and, with an unchanged world, only its own
+    optimizer partition; after a world change under ZeRO-1/2 it loads the module only. ZeRO-3 keeps
+    a model partition per rank: its own when the world is unchanged, every one (consolidated) when it
+    changed. Nothing else is fetched, so a resume costs each rank O(1) files, not O(world).
+    """
+    ds = sorted(n for n in files if n.startswith("rank") and "/ds/" in n)
+    own = [n for n in ds if n.startswith(rank_dir(rank) + "/")]
+    if zero_stage < 3:
+        shared = [n for n in ds if n.startswith(rank_dir(0) + "/") and n.endswith("mp_rank_00_model_states.pt")
+                  and "zero_pp_rank" not in n]
+        mine = [n for n in own if "optim_states" in n] if same_world and zero_stage > 0 else []
+        return shared, mine
+    return ([], own) if same_world else (ds, [])
+
+
 _uploads_done = 0
 
 
@@ -214,18 +239,19 @@ def _maybe_inject_kill(remote: str) -> None:
             os.kill(os.getpid(), 9)
 
 
-def resolve(url: str, options: dict | None = None) -> CheckpointRef:
+def resolve(url: str, options: dict | None = None, select: Callable[[dict], list[str]] | None = None
+            ) -> CheckpointRef:
     """A checkpoint URL given by a user: a run's checkpoint root (uses `latest`) or one step's folder."""
     store = CheckpointStore(url, options)
     try:
         if store.fs.exists(join(store.root, MANIFEST)):
             parent, tag = store.url.rsplit("/", 1)
-            return CheckpointStore(parent, options).open(tag)
+            return CheckpointStore(parent, options).open(tag, select)
     except UserError:
         raise
     except Exception as e:  # noqa: BLE001
         raise explain(e, url) from None
-    ref = store.latest()
+    ref = store.latest(select)
     if ref is None:
         raise UserError(f"no checkpoint at {url} (neither a '{MARKER}' marker nor a {MANIFEST})")
     return ref

@@ -23,6 +23,7 @@ def _pretrain(args: argparse.Namespace) -> int:
     from swav.train import pretrain
 
     cfg = load_config(resolve_config(args.config), args.overrides)
+    _apply_storage_flags(cfg, _opts(args))
     pretrain(cfg, dry_run=args.dry_run)
     return 0
 
@@ -76,9 +77,7 @@ def _peek(args: argparse.Namespace) -> int:
 
     overrides = [*args.overrides, f"data.url={args.set}", f"data.num_workers={args.workers}"]
     cfg = load_config(args.config or None, overrides)
-    opts = _opts(args)
-    if opts:
-        cfg.data.storage_options = {**cfg.data.storage_options, **opts}
+    _apply_storage_flags(cfg, _opts(args))
     if args.ranks < 1 or args.batches < 1 or args.workers < 0:
         raise UserError("--ranks and --batches must be >= 1, --workers >= 0")
     if args.out:
@@ -92,6 +91,16 @@ def _peek(args: argparse.Namespace) -> int:
     if args.out:
         print(f"wrote {args.out} (one JSON line per batch: rank, batch, urls)")
     return 0
+
+
+def _apply_storage_flags(cfg, opts: dict) -> None:
+    """The storage flags and SWAV_STORAGE_OPTIONS reach data and checkpoints alike; on top of the config's
+    own storage_options, so a flag or the environment wins (as in `swav shards build`)."""
+    from shards.storage import merge_options
+
+    if opts:
+        cfg.data.storage_options = merge_options(cfg.data.storage_options, opts)
+        cfg.checkpoint.storage_options = merge_options(cfg.checkpoint.storage_options, opts)
 
 
 def _opts(args: argparse.Namespace) -> dict:
@@ -129,6 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
     pt.add_argument("config", metavar="CONFIG", help="YAML config file, or the name of a shipped job (`swav jobs`)")
     pt.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
     pt.add_argument("--dry-run", action="store_true", help="resolve the config, build the model, print, and stop")
+    add_storage_flags(pt)
     pt.set_defaults(func=_pretrain)
 
     jb = sub.add_parser("jobs", help="list the shipped jobs (`swav pretrain NAME` runs one)",
@@ -144,11 +154,17 @@ def build_parser() -> argparse.ArgumentParser:
         e.add_argument("--checkpoint", default="", help="checkpoint URL (a run's checkpoint dir or one step's)")
         e.add_argument("--random-init", action="store_true", help="evaluate a randomly initialised trunk instead")
         e.add_argument("--arch", default="", help="trunk arch (default: from the checkpoint's config)")
-        e.add_argument("--train", required=True, help="labelled training images: folder with one sub-folder per class")
-        e.add_argument("--val", required=True, help="labelled validation images, same layout")
+        e.add_argument("--train", required=True, help="labelled training images: a folder with one sub-folder per "
+                                                     "class, or a shard set (see --label); streamed in batches")
+        e.add_argument("--val", required=True, help="labelled validation images, same kind")
         e.add_argument("--image-size", type=int, default=224, help="resize+center-crop size (default 224)")
         e.add_argument("--batch-size", type=int, default=64, help="feature extraction batch (default 64)")
         e.add_argument("--seed", type=int, default=0, help="seed for random init and the probe")
+        e.add_argument("--device", default="cpu", help="where features are computed and compared (cpu, cuda, cuda:1)")
+        e.add_argument("--label", default="folder", metavar="SOURCE",
+                       help="class of a shard-set sample: folder (parent folder of its source URL), json:FIELD "
+                            "(a field of its JSON member) or cls (its .cls member); default folder")
+        e.add_argument("--no-progress", action="store_true", help="no progress bar")
         e.add_argument("--out", default="", help="write results as JSON here")
         if kind == "linear":
             e.add_argument("--epochs", type=int, default=100, help="probe epochs over cached features (default 100)")

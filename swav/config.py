@@ -29,6 +29,9 @@ class DataConfig:
     cache_dir: str = ""                 # local copy of remote shards ("" = stream without caching)
     cache_max_bytes: int = 10 * 1024**3
     prefetch_factor: int = 2
+    # Images whose header claims more pixels are skipped (and counted) before decoding: shards other
+    # tools wrote may hold anything, and one decompression bomb must not take a worker's memory.
+    max_pixels: int = 100_000_000
 
 
 @dataclass
@@ -96,6 +99,8 @@ class CheckpointConfig:
     keep: int = 2
     storage_options: dict = field(default_factory=dict)
     stage_dir: str = ""                 # local staging ("" = a temp dir)
+    # A periodic save whose upload fails is logged and skipped; this many failures in a row stop the run.
+    max_failures: int = 3
 
 
 @dataclass
@@ -269,7 +274,8 @@ def validate(cfg: Config) -> None:
         raise UserError("checkpoint.keep must be >= 1")
     # Settings that would crash mid-run (a modulo by zero) or silently train something else.
     for name, value in (("checkpoint.every", cfg.checkpoint.every), ("train.log_every", cfg.train.log_every),
-                        ("train.sync_every", cfg.train.sync_every)):
+                        ("train.sync_every", cfg.train.sync_every), ("data.max_pixels", cfg.data.max_pixels),
+                        ("checkpoint.max_failures", cfg.checkpoint.max_failures)):
         if value < 1:
             raise UserError(f"{name} must be >= 1, got {value}")
     for name, value in (("swav.epsilon", cfg.swav.epsilon), ("swav.temperature", cfg.swav.temperature)):

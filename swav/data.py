@@ -7,8 +7,11 @@ worker's business; StatefulDataLoader records that state per delivered batch.
 
 from __future__ import annotations
 
+import atexit
 import json
 import logging
+import os
+import tempfile
 import signal
 import warnings
 from typing import Any, Iterator
@@ -17,7 +20,7 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 from torchdata.stateful_dataloader import StatefulDataLoader
 
-from shards.index import load_index
+from shards.index import load_index, open_shared_index, share_index
 from shards.stream import ShardStream
 from swav.augment import CropBatch
 from swav.multicrop import CropBatcher, MultiCrop
@@ -90,13 +93,16 @@ class MultiCropStream(IterableDataset):
         self.cache_dir, self.cache_max_bytes = cache_dir, cache_max_bytes
         self.num_workers = max(1, num_workers)
         self.plan, self.describe = plan, describe
+        # Loaded once per rank, here; workers memory-map the copy (see share_index).
+        self._shared = share_index(load_index(url, storage_options), tempfile.gettempdir())
+        atexit.register(_remove, self._shared)
         self._index = None
 
     def __iter__(self) -> Iterator[CropBatch]:
         info = get_worker_info()
         worker = info.id if info else 0
         if self._index is None:
-            self._index = load_index(self.url, self.options)
+            self._index = open_shared_index(self._shared)
         consumer = self.rank * self.num_workers + worker
         stream = ShardStream(self._index, self.seed, consumer, self.world_size * self.num_workers, self.window,
                              self.options, cache_dir=self.cache_dir, cache_max_bytes=self.cache_max_bytes,
@@ -106,7 +112,7 @@ class MultiCropStream(IterableDataset):
 
 def build_loader(cfg: Any, rank: int, world_size: int, pin_memory: bool = False,
                  plan: dict | None = None, describe: bool = False) -> StatefulDataLoader:
-    mc = MultiCrop.from_config(cfg.crops, cfg.seed)
+    mc = MultiCrop.from_config(cfg.crops, cfg.seed, cfg.data.max_pixels)
     ds = MultiCropStream(cfg.data.url, cfg.data.storage_options, cfg.seed, rank, world_size, cfg.train.batch_size,
                          mc, augment=cfg.crops.augment_on == "cpu", window=cfg.data.shuffle_window,
                          cache_dir=cfg.data.cache_dir, cache_max_bytes=cfg.data.cache_max_bytes,
@@ -132,6 +138,13 @@ def ignore_preemption_signals(_worker_id: int) -> None:
         sig = getattr(signal, name, None)
         if sig is not None:
             signal.signal(sig, signal.SIG_IGN)
+
+
+def _remove(path: str) -> None:
+    try:
+        os.remove(path)
+    except OSError:
+        pass
 
 
 def _identity(x):

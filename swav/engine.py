@@ -110,6 +110,23 @@ def build_engine(cfg: Config, model: nn.Module, world_size: int):
     return engine, optimizer
 
 
+def apply_channels_last(engine) -> tuple[int, int]:
+    """Conv weights in channels_last where DeepSpeed allows it; (conv weights, how many are NHWC).
+
+    Only after deepspeed.initialize: it broadcasts each parameter through a byte view, which an NHWC
+    weight refuses ("stride(-1) must be 1"), so converting the model first crashes every stage.
+    ZeRO-1/2/3 then make each weight a view of a flat buffer, which must stay aliased: those keep
+    NCHW weights, and the NHWC inputs still select NHWC kernels. ZeRO-0 leaves the parameters alone,
+    so their storage is converted in place (same Parameter objects, so the optimizer keeps them).
+    """
+    convs = [m.weight for m in engine.module.modules() if isinstance(m, nn.Conv2d)]
+    if engine.zero_optimization_stage() == 0:
+        for w in convs:
+            w.data = w.data.contiguous(memory_format=torch.channels_last)
+    nhwc = sum(1 for w in convs if w.is_contiguous(memory_format=torch.channels_last))
+    return len(convs), nhwc
+
+
 def set_step_hyperparams(optimizer: torch.optim.Optimizer, lr: float, freeze_prototypes: bool) -> None:
     for g in optimizer.param_groups:
         g["lr"] = lr

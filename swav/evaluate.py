@@ -3,8 +3,8 @@
 kNN follows the usual SSL protocol (cosine similarity, k nearest training
 features vote with weight exp(sim / T), T = 0.07); the linear probe trains one
 Linear layer on cached features with SGD + momentum and a cosine schedule.
-Labelled images come from a folder with one sub-folder per class, or from a
-shard set (the class is the name of each source object's parent folder).
+Labelled images are streamed (swav/labelled.py) in batches through the trunk on the chosen device;
+only the features are kept, so 100,000 training images cost their features, never their pixels.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import json
 import logging
 import math
 import os
-from dataclasses import dataclass
+from typing import Iterable
 
 import numpy as np
 import torch
@@ -30,58 +30,6 @@ from swav.models import build_trunk
 
 log = logging.getLogger(__name__)
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
-
-
-@dataclass
-class Labelled:
-    images: list[bytes]
-    labels: np.ndarray     # int64 class ids
-    classes: list[str]
-
-
-def load_folder(path: str) -> Labelled:
-    if not os.path.isdir(path):
-        raise UserError(f"not a folder of labelled images: {path}")
-    classes = sorted(d for d in os.listdir(path) if os.path.isdir(os.path.join(path, d)))
-    if not classes:
-        raise UserError(f"{path} has no class sub-folders (expected {path}/<class>/<image>)")
-    images, labels = [], []
-    for ci, c in enumerate(classes):
-        for name in sorted(os.listdir(os.path.join(path, c))):
-            if name.lower().endswith(IMAGE_SUFFIXES):
-                with open(os.path.join(path, c, name), "rb") as f:
-                    images.append(f.read())
-                labels.append(ci)
-    if not images:
-        raise UserError(f"no images under {path}")
-    return Labelled(images, np.asarray(labels, np.int64), classes)
-
-
-def load_shard_set(url: str, options: dict | None = None) -> Labelled:
-    from shards.index import load_index
-    from shards.storage import get_fs
-    from shards.tario import iter_samples
-
-    idx = load_index(url, options)
-    fs, _ = get_fs(url, options)
-    pairs = []
-    for i in range(len(idx)):
-        with fs.open(fs._strip_protocol(idx.shard_url(i)), "rb") as f:
-            for s in iter_samples(f):
-                parent = json.loads(s["json"])["url"].rstrip("/").rsplit("/", 2)[-2]
-                pairs.append((parent, s["jpg"]))
-    classes = sorted({p for p, _ in pairs})
-    lookup = {c: i for i, c in enumerate(classes)}
-    return Labelled([b for _, b in pairs], np.asarray([lookup[p] for p, _ in pairs], np.int64), classes)
-
-
-def load_labelled(where: str, options: dict | None = None) -> Labelled:
-    if os.path.isdir(where) and not os.path.exists(os.path.join(where, "build.json")):
-        return load_folder(where)
-    return load_shard_set(where, options)
-
-
 def _preprocess(data: bytes, size: int) -> torch.Tensor:
     img = Image.open(io.BytesIO(data)).convert("RGB")
     t = torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1)
@@ -91,14 +39,29 @@ def _preprocess(data: bytes, size: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def extract(trunk: nn.Module, images: list[bytes], size: int, batch_size: int) -> torch.Tensor:
-    """L2-normalised trunk features [N, D] in eval mode."""
-    trunk.eval()
-    feats = []
-    for i in range(0, len(images), batch_size):
-        x = torch.stack([_preprocess(b, size) for b in images[i:i + batch_size]])
+def extract(trunk: nn.Module, pairs: Iterable[tuple[bytes, str]], size: int, batch_size: int,
+            device: str = "cpu", progress: bool = False, what: str = "") -> tuple[torch.Tensor, list[str]]:
+    """L2-normalised trunk features [N, D] (in eval mode, on `device`) and the class of each, streamed."""
+    from tqdm import tqdm
+
+    trunk.eval().to(device)
+    feats, labels, batch = [], [], []
+
+    def flush() -> None:
+        x = torch.stack(batch).to(device, non_blocking=True)
         feats.append(F.normalize(trunk(x).float(), dim=1))
-    return torch.cat(feats)
+        batch.clear()
+
+    for data, label in tqdm(pairs, desc=f"features {what}".strip(), unit="img", disable=not progress):
+        batch.append(_preprocess(data, size))
+        labels.append(label)
+        if len(batch) == batch_size:
+            flush()
+    if batch:
+        flush()
+    if not feats:
+        raise UserError(f"no labelled images in {what or 'the input'}")
+    return torch.cat(feats), labels
 
 
 def knn_accuracy(train_f: torch.Tensor, train_y: torch.Tensor, val_f: torch.Tensor, val_y: torch.Tensor,
@@ -106,11 +69,13 @@ def knn_accuracy(train_f: torch.Tensor, train_y: torch.Tensor, val_f: torch.Tens
     """(top-1, top-5) in percent of a similarity-weighted kNN vote."""
     c = num_classes or int(max(train_y.max(), val_y.max())) + 1
     k = min(k, train_f.shape[0])
+    train_y = train_y.to(train_f.device)
+    val_y = val_y.to(val_f.device)
     top1 = top5 = 0
     for i in range(0, val_f.shape[0], 256):
         sim = val_f[i:i + 256] @ train_f.t()
         w, idx = sim.topk(k, dim=1)
-        votes = torch.zeros(sim.shape[0], c).scatter_add_(1, train_y[idx], (w / temperature).exp())
+        votes = torch.zeros(sim.shape[0], c, device=sim.device).scatter_add_(1, train_y[idx], (w / temperature).exp())
         pred = votes.topk(min(5, c), dim=1).indices
         y = val_y[i:i + 256].view(-1, 1)
         top1 += (pred[:, :1] == y).any(1).sum().item()
@@ -132,6 +97,8 @@ def linear_probe(train_f: torch.Tensor, train_y: torch.Tensor, val_f: torch.Tens
     head = nn.Linear(train_f.shape[1], c)
     head.weight.data.normal_(0, 0.01, generator=g)
     head.bias.data.zero_()
+    head.to(train_f.device)
+    train_y, val_y = train_y.to(train_f.device), val_y.to(val_f.device)
     scaled_lr = lr * batch_size / 256
     opt = torch.optim.SGD(head.parameters(), lr=scaled_lr, momentum=0.9, weight_decay=weight_decay)
     steps_per_epoch = math.ceil(train_f.shape[0] / batch_size)
@@ -178,19 +145,32 @@ def load_trunk(checkpoint: str, arch: str, random_init: bool, seed: int,
 
 def evaluate(kind: str, train: str, val: str, checkpoint: str = "", arch: str = "", random_init: bool = False,
              image_size: int = 224, batch_size: int = 64, seed: int = 0, options: dict | None = None,
-             epochs: int = 100, lr: float = 0.3, weight_decay: float = 1e-6) -> dict:
+             epochs: int = 100, lr: float = 0.3, weight_decay: float = 1e-6, device: str = "cpu",
+             label: str = "folder", progress: bool = False) -> dict:
+    from swav.labelled import iter_labelled
+
     torch.manual_seed(seed)
+    try:
+        device = str(torch.device(device))
+    except RuntimeError as e:
+        raise UserError(f"--device {device!r}: {e}") from None
     trunk, what = load_trunk(checkpoint, arch, random_init, seed, options)
-    tr, va = load_labelled(train, options), load_labelled(val, options)
-    if tr.classes != va.classes:
-        raise UserError(f"train and val classes differ: {tr.classes} vs {va.classes}")
-    train_f, val_f = extract(trunk, tr.images, image_size, batch_size), extract(trunk, va.images, image_size, batch_size)
-    train_y, val_y = torch.from_numpy(tr.labels), torch.from_numpy(va.labels)
-    out = {"kind": kind, "model": what, "train": train, "val": val, "train_images": len(tr.images),
-           "val_images": len(va.images), "classes": len(tr.classes), "feature_dim": int(train_f.shape[1])}
+    train_f, train_c = extract(trunk, iter_labelled(train, label, options), image_size, batch_size, device,
+                               progress, "train")
+    val_f, val_c = extract(trunk, iter_labelled(val, label, options), image_size, batch_size, device, progress, "val")
+    classes = sorted(set(train_c))
+    unseen = sorted(set(val_c) - set(classes))
+    if unseen:
+        raise UserError(f"val has classes that train lacks: {', '.join(unseen[:5])}{' ...' if len(unseen) > 5 else ''}")
+    lookup = {c: i for i, c in enumerate(classes)}
+    train_y = torch.tensor([lookup[c] for c in train_c], dtype=torch.int64)
+    val_y = torch.tensor([lookup[c] for c in val_c], dtype=torch.int64)
+    out = {"kind": kind, "model": what, "train": train, "val": val, "train_images": len(train_c),
+           "val_images": len(val_c), "classes": len(classes), "feature_dim": int(train_f.shape[1]),
+           "device": device, "label": label}
     if kind == "knn":
         for k in (20, 200):
-            t1, t5 = knn_accuracy(train_f, train_y, val_f, val_y, k, num_classes=len(tr.classes))
+            t1, t5 = knn_accuracy(train_f, train_y, val_f, val_y, k, num_classes=len(classes))
             out[f"knn{k}_top1"], out[f"knn{k}_top5"] = t1, t5
     else:
         t1, t5 = linear_probe(train_f, train_y, val_f, val_y, epochs, lr, weight_decay, seed=seed)
@@ -203,7 +183,8 @@ def run_eval_cli(args: argparse.Namespace) -> int:
 
     extra = {"epochs": args.epochs, "lr": args.lr, "weight_decay": args.weight_decay} if args.eval_kind == "linear" else {}
     res = evaluate(args.eval_kind, args.train, args.val, args.checkpoint, args.arch, args.random_init,
-                   args.image_size, args.batch_size, args.seed, storage_options(args), **extra)
+                   args.image_size, args.batch_size, args.seed, storage_options(args), device=args.device,
+                   label=args.label, progress=not args.no_progress, **extra)
     print(f"{res['model']}: {res['train_images']} train / {res['val_images']} val images, {res['classes']} classes")
     for k, v in res.items():
         if k.endswith(("top1", "top5")):

@@ -125,16 +125,21 @@ def random_resized_boxes(rng: np.random.Generator, width: int, height: int,
     return boxes
 
 
+class ImageTooLarge(ValueError):
+    """An image whose header claims more pixels than the decoder may allocate."""
+
+
 class MultiCrop:
     """Callable on one sample's encoded image bytes: returns its crops as float tensors [3,H,W] in config order."""
 
     def __init__(self, size_crops: Sequence[int] = (224, 96), num_crops: Sequence[int] = (2, 6),
                  min_scale_crops: Sequence[float] = (0.14, 0.05), max_scale_crops: Sequence[float] = (1.0, 0.14),
                  seed: int = 0, flip_prob: float = P_FLIP, blur_prob: float = P_BLUR,
-                 blur_sigma: Sequence[float] = BLUR_SIGMA):
+                 blur_sigma: Sequence[float] = BLUR_SIGMA, max_pixels: int = 100_000_000):
         if not (len(size_crops) == len(num_crops) == len(min_scale_crops) == len(max_scale_crops)):
             raise ValueError("size_crops, num_crops, min_scale_crops and max_scale_crops must have equal lengths")
         self.size_crops, self.num_crops = list(size_crops), list(num_crops)
+        self.max_pixels = max_pixels
         self.scales = list(zip(min_scale_crops, max_scale_crops))
         self.seed = seed
         if not 0.0 <= flip_prob <= 1.0:
@@ -150,9 +155,9 @@ class MultiCrop:
         self._scales = [(float(lo), float(hi)) for _, (lo, hi) in self.plan]
 
     @classmethod
-    def from_config(cls, crops, seed: int) -> "MultiCrop":
+    def from_config(cls, crops, seed: int, max_pixels: int = 100_000_000) -> "MultiCrop":
         return cls(crops.size_crops, crops.num_crops, crops.min_scale_crops, crops.max_scale_crops, seed,
-                   crops.flip_prob, crops.blur_prob, crops.blur_sigma)
+                   crops.flip_prob, crops.blur_prob, crops.blur_sigma, max_pixels)
 
     @property
     def total_crops(self) -> int:
@@ -203,6 +208,10 @@ class MultiCrop:
         size = _jpeg_size(data)
         img = None if size is not None else Image.open(io.BytesIO(data))   # opened once, decoded in _decode
         width, height = size if img is None else img.size
+        if width * height > self.max_pixels:
+            # From the header, before any pixel is decoded: a decompression bomb in someone else's
+            # shard costs one skipped sample, not a worker's memory.
+            raise ImageTooLarge(f"{width}x{height} exceeds data.max_pixels={self.max_pixels}")
         boxes, photo = self.sample_params(key, pass_index, width, height)
         hwc = self._decode(data, boxes, width, height, img)
         sy, sx = hwc.shape[0] / height, hwc.shape[1] / width

@@ -12,6 +12,7 @@ endless stream whose position is checkpointed with everything else.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import logging
 import math
@@ -31,14 +32,15 @@ from shards.errors import UserError
 from shards.logs import setup_logging
 from shards.stream import resume_plan
 from swav import checkpoint as ckpt
-from swav import distributed
+from swav import distributed, reshard
 from swav.config import Config, to_yaml
 from swav.data import build_loader, stream_states
-from swav.engine import build_engine, build_model, set_step_hyperparams
+from swav.engine import apply_channels_last, build_engine, build_model, set_step_hyperparams
 from swav.loss import swav_loss
 from swav.metrics import MetricsWriter, assignment_stats
 from swav.queue import EmbeddingQueue, local_queue_length
 from swav.schedules import warmup_cosine
+from swav.uploads import CheckpointUploads
 
 log = logging.getLogger("swav.train")
 
@@ -184,14 +186,17 @@ def pretrain(cfg: Config, dry_run: bool = False) -> RunResult:
     _seed_everything(cfg.seed, rank)
 
     model = build_model(cfg, on_gpu, world).to(device)
-    if on_gpu and cfg.model.channels_last:
-        model = model.to(memory_format=torch.channels_last)
     if dry_run:
         n = sum(p.numel() for p in model.trunk.parameters())
         log.info("dry run: %s trunk with %d parameters, feature width %d", cfg.model.arch, n, model.trunk.out_dim)
         return RunResult(step=0, stopped_early=False)
     engine, optimizer = build_engine(cfg, model, world)
     module = engine.module
+    if on_gpu and cfg.model.channels_last:
+        convs, nhwc = apply_channels_last(engine)
+        log.info("channels_last after deepspeed.initialize: %d of %d conv weights NHWC%s, inputs NHWC",
+                 nhwc, convs, "" if nhwc == convs else " (ZeRO keeps weights in its flat buffers; cuDNN still "
+                 "picks NHWC kernels from the inputs)")
 
     bs = cfg.train.batch_size
     queue = EmbeddingQueue(len(cfg.swav.crops_for_assign),
@@ -199,7 +204,10 @@ def pretrain(cfg: Config, dry_run: bool = False) -> RunResult:
     lr_schedule = warmup_cosine(cfg.optim.base_lr, cfg.optim.final_lr, cfg.train.steps, cfg.optim.warmup_steps,
                                 cfg.optim.start_warmup)
     store = ckpt.CheckpointStore(_checkpoint_url(cfg), cfg.checkpoint.storage_options)
-    stage_root = cfg.checkpoint.stage_dir or tempfile.mkdtemp(prefix="swav-ckpt-")
+    # One staging folder per run and node (ranks use sub-folders of their own): a resume downloads the
+    # files every rank needs once per node, not once per rank.
+    stage_root = cfg.checkpoint.stage_dir or os.path.join(
+        tempfile.gettempdir(), "swav-stage-" + hashlib.sha1(store.url.encode()).hexdigest()[:12])
 
     start_step, loader_state, plan, last_url = _resume(cfg, engine, queue, store, stage_root, rank, world)
     loader = build_loader(cfg, rank, world, pin_memory=on_gpu, plan=plan)
@@ -219,6 +227,8 @@ def pretrain(cfg: Config, dry_run: bool = False) -> RunResult:
     bar = tqdm(total=cfg.train.steps, initial=start_step, desc="pretrain", unit="step", disable=rank != 0,
                mininterval=2.0, dynamic_ncols=True)
     last_saved = start_step
+    uploads = CheckpointUploads(store, rank, world, cfg.checkpoint.keep, cfg.checkpoint.max_failures,
+                                _manifest_extra(cfg, engine))
     pending: list[tuple[int, torch.Tensor]] = []   # (step, global mean loss) not yet read on the host
     with _Preemption() as preempt:
         try:
@@ -263,10 +273,21 @@ def pretrain(cfg: Config, dry_run: bool = False) -> RunResult:
                 log_now = result.step % cfg.train.log_every == 0 or result.step == cfg.train.steps
                 due = result.step % cfg.checkpoint.every == 0 or result.step == cfg.train.steps
                 stop = False
-                if log_now or due or result.step % cfg.train.sync_every == 0 or result.step == cfg.train.stop_after:
+                sync_now = (log_now or due or result.step % cfg.train.sync_every == 0
+                            or result.step == cfg.train.stop_after)
+                if sync_now:
                     # The only host syncs of a step: read the losses since the last agreement (and check
                     # them before anything is logged or saved), and agree on preemption across ranks.
-                    _read_losses(pending, result)
+                    try:
+                        _read_losses(pending, result)
+                    except NonFiniteLoss as e:
+                        # Every rank raises here, at the same step (the loss is the global mean), so the
+                        # upload in flight, the last good state, can still be published collectively.
+                        published = uploads.wait_and_publish(final=True) if uploads.pending else ""
+                        if published:
+                            raise NonFiniteLoss(str(e).replace(result.checkpoint or "(none yet)", published, 1)) \
+                                from None
+                        raise
                     stop = _agree(preempt.requested, device) or result.step == cfg.train.stop_after
                 loss_value = result.losses.get(result.step, float("nan"))
 
@@ -288,10 +309,17 @@ def pretrain(cfg: Config, dry_run: bool = False) -> RunResult:
                              row["entropy_max"], in_use, "on" if use_queue else "off")
                     window = {"t0": time.perf_counter(), "wait": 0.0, "steps": 0}
 
+                if uploads.pending is not None and sync_now and not (due or stop):
+                    uploads.publish_if_done(device)   # a collective, at a step every rank agrees on
+                    result.checkpoint = uploads.last_published or result.checkpoint
                 if due or stop:
-                    result.checkpoint = save_checkpoint(cfg, engine, queue, loader, store, stage_root, result.step,
-                                                        rank, world)
+                    # One upload at a time: the previous one is published before this step's is staged.
+                    result.checkpoint = uploads.wait_and_publish(final=False) or result.checkpoint
+                    tag, staged, small = stage_checkpoint(cfg, engine, queue, loader, stage_root, result.step, rank)
+                    uploads.submit(tag, result.step, staged, small)
                     last_saved = result.step
+                    if stop or result.step == cfg.train.steps:
+                        result.checkpoint = uploads.wait_and_publish(final=True)
                 if stop:
                     result.stopped_early = True
                     log.warning("stopping after step %d (%s); rerun the same command to resume from %s",
@@ -301,6 +329,7 @@ def pretrain(cfg: Config, dry_run: bool = False) -> RunResult:
         finally:
             bar.close()
             metrics.close()
+            uploads.close()
             del it
     if rank == 0 and not result.stopped_early:
         log.info("done: %d steps, last checkpoint %s (saved at step %d)", result.step, result.checkpoint, last_saved)
@@ -308,35 +337,51 @@ def pretrain(cfg: Config, dry_run: bool = False) -> RunResult:
 
 
 # -- checkpoints ---------------------------------------------------------------------------------
-def save_checkpoint(cfg: Config, engine, queue: EmbeddingQueue, loader, store: ckpt.CheckpointStore,
-                    stage_root: str, step: int, rank: int, world: int) -> str:
-    """Every rank stages and uploads its own files; rank 0 publishes after a barrier."""
+def stage_checkpoint(cfg: Config, engine, queue: EmbeddingQueue, loader, stage_root: str, step: int,
+                     rank: int) -> tuple[str, str, dict[str, bytes]]:
+    """Write this rank's checkpoint files locally (synchronous: they describe this step); returns
+    (tag, staged folder, the small files rank 0 adds at publication)."""
     tag = ckpt.tag_for(step)
-    t0 = time.perf_counter()
-    local = os.path.join(stage_root, tag, ckpt.rank_dir(rank))
+    staged = os.path.join(stage_root, tag)
+    local = os.path.join(staged, ckpt.rank_dir(rank))
     ckpt.clear_dir(local)
     engine.save_checkpoint(local, tag="ds", save_latest=False)
-    files = store.upload_dir(local, tag, ckpt.rank_dir(rank))
-    state = {"step": step, "rank": rank, "world_size": world, "loader": loader.state_dict(),
-             "queue": queue.state_dict(), "rng": _rng_state()}
-
-    buf = io.BytesIO()
-    torch.save(state, buf)
-    files.update(store.upload_bytes(tag, ckpt.state_name(rank), buf.getvalue()))
-    all_files = distributed.all_gather_object(files)
+    state = {"step": step, "rank": rank, "world_size": _world(),
+             "loader": loader.state_dict(), "queue": queue.state_dict(), "rng": _rng_state()}
+    torch.save(state, os.path.join(staged, ckpt.state_name(rank)))
+    small: dict[str, bytes] = {}
     if rank == 0:
-        merged: dict[str, int] = {}
-        for f in all_files:
-            merged.update(f)
-        merged.update(store.upload_bytes(tag, ckpt.CONFIG, to_yaml(cfg).encode("utf-8")))
-        store.publish(tag, step, world, merged, {"zero_stage": cfg.deepspeed.zero_stage, "arch": cfg.model.arch,
-                                                 "num_workers": cfg.data.num_workers})
-        pruned = store.prune(cfg.checkpoint.keep)
-        log.info("checkpoint %s published (%.1fs)%s", store.url + "/" + tag, time.perf_counter() - t0,
-                 f"; deleted {', '.join(pruned)}" if pruned else "")
-    distributed.barrier()
-    ckpt.clear_dir(local)
-    return store.url + "/" + tag
+        small[ckpt.CONFIG] = to_yaml(cfg).encode("utf-8")
+        history = os.path.join(cfg.run_dir, "metrics.jsonl")
+        if os.path.exists(history):   # mirrored with the checkpoint: a requeue on another node keeps it
+            with open(history, "rb") as f:
+                small[ckpt.METRICS] = f.read()
+    return tag, staged, small
+
+
+def _manifest_extra(cfg: Config, engine) -> dict:
+    extra = {"zero_stage": cfg.deepspeed.zero_stage, "arch": cfg.model.arch, "num_workers": cfg.data.num_workers}
+    if cfg.deepspeed.zero_stage in (1, 2):   # what a resume on another world size needs to reshard momentum
+        extra["zero_partition_sizes"] = reshard.partition_sizes(engine.optimizer)
+    return extra
+
+
+def _restore_metrics(cfg: Config, src: ckpt.CheckpointStore, ref) -> None:
+    """A run directory without the history up to the checkpoint (a requeue on another node, a fresh
+    run_dir) gets the copy saved with the checkpoint; steps logged after it are logged again."""
+    from shards.storage import join, read_bytes
+    from swav.metrics import read_metrics
+
+    path = os.path.join(cfg.run_dir, "metrics.jsonl")
+    if ckpt.METRICS not in ref.manifest["files"]:
+        return
+    if os.path.exists(path) and any(r["step"] == ref.step for r in read_metrics(path)):
+        return
+    data = read_bytes(src.fs, join(src.root, ref.tag, ckpt.METRICS))
+    os.makedirs(cfg.run_dir, exist_ok=True)
+    with open(path, "wb") as f:
+        f.write(data)
+    log.info("metrics history up to step %d restored into %s from the checkpoint", ref.step, path)
 
 
 def _warn_about_config_changes(cfg: Config, store: ckpt.CheckpointStore, ref) -> None:
@@ -355,45 +400,45 @@ def _warn_about_config_changes(cfg: Config, store: ckpt.CheckpointStore, ref) ->
                     "training: %s", len(changes), "; ".join(changes))
 
 
-def _resume(cfg: Config, engine, queue: EmbeddingQueue, store: ckpt.CheckpointStore, stage_root: str,
-            rank: int, world: int):
-    """(start step, this rank's loader state or None, stream plan or None, checkpoint URL)."""
-    if cfg.resume_from:
-        ref = ckpt.resolve(cfg.resume_from, cfg.checkpoint.storage_options)
-        src = ckpt.CheckpointStore(ref.root, cfg.checkpoint.storage_options)
-    else:
-        ref = store.latest()
-        src = store
-        if ref is None:
-            return 0, None, None, ""
-    log.info("resuming from %s (step %d, saved by %d rank(s))", ref.url, ref.step, ref.world_size)
-    if rank == 0:
-        _warn_about_config_changes(cfg, src, ref)
-    local = os.path.join(stage_root, "resume-" + ref.tag)
-    ckpt.clear_dir(local)
-    same_world = ref.world_size == world
-    ds_files = [n for n in ref.manifest["files"] if n.startswith(ckpt.rank_dir(0) + "/")]
-    if cfg.deepspeed.zero_stage > 0:
-        # ZeRO partitions: each rank needs its own; all ranks' when the world changed (DeepSpeed decides).
-        ds_files += [n for n in ref.manifest["files"]
-                     if n.startswith("rank") and "/" in n and not n.startswith(ckpt.rank_dir(0) + "/")
-                     and (not same_world or n.startswith(ckpt.rank_dir(rank) + "/"))]
-    src.download(ref, local, sorted(set(ds_files)))
-    # DeepSpeed expects every rank's files side by side in one tag folder.
-    tagdir = os.path.join(local, "merged", "ds")
+def _reshard_momentum(engine, src: ckpt.CheckpointStore, ref, local: str, rank: int) -> None:
+    """Momentum for this rank's new ZeRO slice, from the old partitions that overlap it (swav/reshard.py)."""
+    sizes = ref.manifest["zero_partition_sizes"]
+    old = reshard.old_ranks_needed(engine.optimizer, rank, sizes, ref.world_size)
+    names = {i: next(n for n in ref.manifest["files"] if n.startswith(ckpt.rank_dir(i) + "/ds/")
+                     and "optim_states" in n) for i in old}
+    folder = os.path.join(local, "old-partitions")
+    src.download(ref, folder, sorted(names.values()))
+    states = {i: ckpt.safe_load(os.path.join(folder, *n.split("/")))["optimizer_state_dict"]
+              for i, n in names.items()}
+    restored = reshard.restore_momentum(engine.optimizer, states, sizes, rank)
+    log.info("momentum resharded from %d old partition(s) for %d param group(s)", len(old), restored)
+
+
+def _load_engine(cfg: Config, engine, src: ckpt.CheckpointStore, ref, stage_root: str, rank: int,
+                 same_world: bool, load_optimizer: bool):
+    """DeepSpeed's load_checkpoint on just the files this rank needs; files several ranks of a node need
+    are downloaded once per node (by its local rank 0) into the node's staging folder."""
+    shared_names, own_names = ckpt.files_to_load(ref.manifest["files"], rank, same_world, cfg.deepspeed.zero_stage)
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    node = os.path.join(stage_root, "resume-" + ref.tag)
+    if local_rank == 0:
+        ckpt.clear_dir(os.path.join(node, "shared"))
+        src.download(ref, os.path.join(node, "shared"), shared_names)
+    mine = os.path.join(node, ckpt.rank_dir(rank))
+    ckpt.clear_dir(mine)
+    src.download(ref, mine, own_names)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()   # the node's shared files are complete
+    # DeepSpeed expects every file it reads side by side in one tag folder: link them there.
+    tagdir = os.path.join(mine, "merged", "ds")
     os.makedirs(tagdir, exist_ok=True)
-    for name in ds_files:
-        parts = name.split("/")
-        if len(parts) >= 3 and parts[1] == "ds":
-            dest = os.path.join(tagdir, *parts[2:])
-            os.makedirs(os.path.dirname(dest), exist_ok=True)
-            os.replace(os.path.join(local, *parts), dest)
-    load_optimizer = same_world or cfg.deepspeed.zero_stage == 0
-    if not load_optimizer:
-        log.warning("world size changed (%d -> %d) under ZeRO-%d: model weights are restored, optimizer "
-                    "momentum restarts from zero", ref.world_size, world, cfg.deepspeed.zero_stage)
+    for where, names in ((os.path.join(node, "shared"), shared_names), (mine, own_names)):
+        for name in names:
+            parts = name.split("/")
+            if len(parts) >= 3 and parts[1] == "ds":
+                os.symlink(os.path.join(where, *parts), os.path.join(tagdir, *parts[2:]))
     try:
-        path, _ = engine.load_checkpoint(os.path.join(local, "merged"), tag="ds",
+        path, _ = engine.load_checkpoint(os.path.join(mine, "merged"), tag="ds",
                                          load_optimizer_states=load_optimizer, load_lr_scheduler_states=False,
                                          load_module_only=not load_optimizer)
     except UserError:
@@ -401,23 +446,70 @@ def _resume(cfg: Config, engine, queue: EmbeddingQueue, store: ckpt.CheckpointSt
     except Exception as e:  # noqa: BLE001
         raise UserError(f"cannot load checkpoint {ref.url}: {type(e).__name__}: {str(e).splitlines()[0][:300]}") \
             from None
+    if not same_world and cfg.deepspeed.zero_stage in (1, 2) and "zero_partition_sizes" in ref.manifest:
+        _reshard_momentum(engine, src, ref, mine, rank)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()   # nobody reads the shared files any more
+    ckpt.clear_dir(mine)
+    if local_rank == 0:
+        ckpt.clear_dir(os.path.join(node, "shared"))
+    return path
+
+
+def _resume(cfg: Config, engine, queue: EmbeddingQueue, store: ckpt.CheckpointStore, stage_root: str,
+            rank: int, world: int):
+    """(start step, this rank's loader state or None, stream plan or None, checkpoint URL)."""
+    def reads(manifest: dict) -> list[str]:
+        """What this rank will read; rank 0 may read any state file, so it checks them all."""
+        if rank == 0:
+            return list(manifest["files"])
+        shared, own = ckpt.files_to_load(manifest["files"], rank, int(manifest["world_size"]) == world,
+                                         cfg.deepspeed.zero_stage)
+        return [*shared, *own, ckpt.state_name(rank)]
+
+    if cfg.resume_from:
+        ref = ckpt.resolve(cfg.resume_from, cfg.checkpoint.storage_options, reads)
+        src = ckpt.CheckpointStore(ref.root, cfg.checkpoint.storage_options)
+    else:
+        ref = store.latest(reads)
+        src = store
+        if ref is None:
+            return 0, None, None, ""
+    log.info("resuming from %s (step %d, saved by %d rank(s))", ref.url, ref.step, ref.world_size)
+    if rank == 0:
+        _warn_about_config_changes(cfg, src, ref)
+        _restore_metrics(cfg, src, ref)
+    same_world = ref.world_size == world
+    load_optimizer = same_world or cfg.deepspeed.zero_stage == 0
+    if not load_optimizer:
+        keeps = cfg.deepspeed.zero_stage in (1, 2) and "zero_partition_sizes" in ref.manifest
+        log.warning("world size changed (%d -> %d) under ZeRO-%d: model weights are restored, %s",
+                    ref.world_size, world, cfg.deepspeed.zero_stage,
+                    "optimizer momentum is resharded to the new partitions" if keeps
+                    else "optimizer momentum restarts from zero")
+    path = _load_engine(cfg, engine, src, ref, stage_root, rank, same_world, load_optimizer)
     if path is None:
         raise UserError(f"cannot load checkpoint {ref.url}: DeepSpeed found no model states in it")
-    states = [src.read_state(ref, r) for r in range(ref.world_size)]
-    ckpt.clear_dir(local)
-    mine = states[rank] if same_world else None
     old_workers = ref.manifest.get("num_workers", cfg.data.num_workers)
-    if mine is not None and old_workers == cfg.data.num_workers:
-        _set_rng_state(mine["rng"])
-        queue.load_resized(mine["queue"], ref.world_size, world)
-        return ref.step, mine["loader"], None, ref.url
-    streams = [s for st in states for s in stream_states(st["loader"])]
-    plan = resume_plan(streams)
+    mine = src.read_state(ref, rank) if same_world else None   # only our own state file
     if mine is not None:
         _set_rng_state(mine["rng"])
         queue.load_resized(mine["queue"], ref.world_size, world)
-    else:
-        queue.load_resized(states[0]["queue"], ref.world_size, world)
+        if old_workers == cfg.data.num_workers:
+            return ref.step, mine["loader"], None, ref.url
+    # The consumer layout changed: the plan needs every stream's state. Rank 0 reads them all and
+    # shares the plan (and, for a new world size, the queue to resize), so the reads stay O(world).
+    shared: list = [None, None]
+    if rank == 0:
+        states = [mine if (r == 0 and mine is not None) else src.read_state(ref, r) for r in range(ref.world_size)]
+        shared = [resume_plan([s for st in states for s in stream_states(st["loader"])]),
+                  None if same_world else states[0]["queue"]]
+        del states
+    if world > 1:
+        dist.broadcast_object_list(shared, src=0)
+    plan, queue0 = shared
+    if mine is None:
+        queue.load_resized(queue0, ref.world_size, world)
     log.warning("consumer layout changed (%d rank(s) x %d worker(s) -> %d x %d): the stream continues the same "
                 "global order from slot %d; samples that were in flight may be seen again",
                 ref.world_size, old_workers, world, cfg.data.num_workers, plan["base"])

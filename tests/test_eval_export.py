@@ -142,3 +142,54 @@ def test_random_init_baseline_is_the_trunk_a_run_starts_from():
     assert all(torch.equal(v, trunk.state_dict()[k]) for k, v in start.items())
     other, _ = load_trunk("", cfg.model.arch, random_init=True, seed=cfg.seed + 1)
     assert not torch.equal(other.state_dict()["conv1.weight"], start["conv1.weight"])
+
+
+def test_knn_over_100k_train_features_in_bounded_memory():
+    """100,000 train features x 128 dims (51 MB): each val chunk costs 256 x 100k similarities, never N x N."""
+    import psutil
+
+    g = torch.Generator().manual_seed(0)
+    centres = torch.nn.functional.normalize(torch.randn(10, 128, generator=g), dim=1)
+    train_y = torch.arange(100_000) % 10
+    val_y = torch.arange(1_000) % 10
+
+    def points(y):
+        return torch.nn.functional.normalize(centres[y] + 0.05 * torch.randn(len(y), 128, generator=g), dim=1)
+
+    train_f, val_f = points(train_y), points(val_y)
+    rss = psutil.Process().memory_info().rss
+    top1, top5 = knn_accuracy(train_f, train_y, val_f, val_y, k=200, num_classes=10)
+    grown = psutil.Process().memory_info().rss - rss
+    assert top1 == 100.0 and top5 == 100.0
+    assert grown < 400 * 2**20, grown   # a dense val x train matrix alone would be 400 MB
+
+
+def test_eval_streams_a_labelled_webdataset_set_with_each_label_source(digits, tmp_path):
+    """The same images as a class-per-folder tree and as foreign WebDataset tars (labels in .cls, in a JSON
+    field, and in the source URL's folder) give the same features and the same accuracy."""
+    import io as _io
+    import tarfile
+
+    train, val = digits
+    for split, folder in (("train", train), ("val", val)):
+        src = tmp_path / split
+        src.mkdir()
+        with tarfile.open(src / "00000.tar", "w") as t:
+            for n, p in enumerate(sorted(p for p in folder.rglob("*.png"))):
+                cls = p.parent.name
+                for ext, data in (("png", p.read_bytes()), ("cls", cls.encode()),
+                                  ("json", json.dumps({"url": f"http://h/{cls}/{p.name}", "digit": cls}).encode())):
+                    info = tarfile.TarInfo(f"{n:05d}.{ext}")
+                    info.size = len(data)
+                    t.addfile(info, _io.BytesIO(data))
+        r = swav_cli("shards", "index", str(src), str(tmp_path / f"{split}-idx"), "--no-progress")
+        assert r.returncode == 0, r.stderr
+    ref = evaluate("knn", str(train), str(val), arch="resnet50w0.125", random_init=True, image_size=32, seed=1)
+    for label in ("cls", "json:digit", "folder"):
+        got = evaluate("knn", str(tmp_path / "train-idx"), str(tmp_path / "val-idx"), arch="resnet50w0.125",
+                       random_init=True, image_size=32, seed=1, label=label)
+        assert {k: v for k, v in got.items() if "top" in k} == {k: v for k, v in ref.items() if "top" in k}, label
+        assert got["train_images"] == 300 and got["classes"] == 10
+    r = swav_cli("eval", "knn", "--arch", "resnet50w0.125", "--random-init", "--train", str(tmp_path / "train-idx"),
+                 "--val", str(tmp_path / "val-idx"), "--label", "json:nofield", "--image-size", "32")
+    assert r.returncode == 2 and "no JSON field 'nofield'" in r.stderr and "Traceback" not in r.stderr, r.stderr

@@ -85,19 +85,21 @@ def test_kill_during_checkpoint_upload_resumes_from_the_last_published_one(shard
 
 def test_s3_checkpoints_resume_and_never_leak_credentials(shard_set, tmp_path, baselines, s3):
     fs, opts, name = s3
-    endpoint = opts["client_kwargs"]["endpoint_url"]
+    proxy = _CountingProxy(opts["client_kwargs"]["endpoint_url"])   # counts the resume's reads on the wire
     secret = "s3cr3t-from-config-0123"
-    store = json.dumps({"client_kwargs": {"endpoint_url": endpoint}, "key": "AKIDFROMCONFIG", "secret": secret})
+    store = json.dumps({"client_kwargs": {"endpoint_url": proxy.url}, "key": "AKIDFROMCONFIG", "secret": secret})
     run = tmp_path / "run"
     a = args(shard_set, run, f"checkpoint.url=s3://{name}/ckpt", f"checkpoint.storage_options={store}")
     first = torchrun(2, *a, "train.stop_after=4")
     assert first.returncode == 0, first.stderr[-3000:]
     fs.invalidate_cache()
     assert json.loads(fs.cat_file(f"{name}/ckpt/latest"))["tag"] == "step-000000004"
+    proxy.gets.clear()
     second = torchrun(2, *a)
     assert second.returncode == 0, second.stderr[-3000:]
     assert "resuming from s3://" in second.stderr
     assert losses(run) == baselines[2]
+    assert resume_reads(proxy, "ckpt/step-000000004") == expected_resume_reads(2, zero_stage=0)
     fs.invalidate_cache()
     for text in (first.stdout + first.stderr, second.stdout + second.stderr):
         assert secret not in text and "AKIDFROMCONFIG" not in text
@@ -182,9 +184,9 @@ def test_config_errors_name_the_key(tmp_path):
 
 def test_sigterm_checkpoints_at_the_end_of_the_step_and_the_rerun_continues(shard_set, tmp_path, baselines):
     run = tmp_path / "run"
-    cmd = [sys.executable, "-m", "swav.cli", *args(shard_set, run, "checkpoint.every=100")]
+    cmd = [sys.executable, "-m", "swav.cli", *args(shard_set, run, "checkpoint.every=100", "data.num_workers=2")]
     # As SLURM and Kubernetes do, the signal goes to the whole process group: the trainer and its
-    # data-loader worker (jobs/tiny.yaml has one) alike.
+    # two data-loader workers alike.
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
     deadline = time.time() + 300
@@ -198,9 +200,12 @@ def test_sigterm_checkpoints_at_the_end_of_the_step_and_the_rerun_continues(shar
     assert "checkpointing at the end of the step" in out
     latest = json.loads((run / "checkpoints" / "latest").read_text())
     assert 3 <= latest["step"] < STEPS and latest["step"] == max(losses(run))
-    r = swav_cli(*args(shard_set, run, "checkpoint.every=100"))
+    r = swav_cli(*args(shard_set, run, "checkpoint.every=100", "data.num_workers=2"))
     assert r.returncode == 0, r.stderr[-3000:]
-    assert losses(run) == baselines[1]
+    full = tmp_path / "uninterrupted"
+    r = swav_cli(*args(shard_set, full, "checkpoint.every=100", "data.num_workers=2"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert losses(run) == losses(full) and sorted(losses(full)) == list(range(1, STEPS + 1))
 
 
 def test_losses_read_every_few_steps_equal_the_per_step_ones(shard_set, tmp_path, baselines):
@@ -221,3 +226,144 @@ def test_resume_names_each_setting_that_changes_the_training(shard_set, tmp_path
     line = next(x for x in r.stderr.splitlines() if "differ from the checkpoint's config" in x)
     assert "train.steps: 1 -> 2" in line and "optim.base_lr: 0.6 -> 0.3" in line, line
     assert "log_every" not in line and "2 setting(s)" in line, line
+
+
+class _CountingProxy:
+    """An HTTP proxy on 127.0.0.1 in front of the S3 server that counts object GETs by key."""
+
+    def __init__(self, upstream: str, put_delay: float = 0.0, fail_puts: bool = False):
+        import collections
+        import http.client
+        import http.server
+        import threading
+        from urllib.parse import urlparse
+
+        up = urlparse(upstream)
+        self.put_delay, self.fail_puts = put_delay, fail_puts
+        self.gets: collections.Counter = collections.Counter()
+        self.requests = 0
+        proxy = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *a):
+                pass
+
+            def _forward(self):
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                if self.command in ("PUT", "POST") and proxy.fail_puts:
+                    self.send_response(403)
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
+                if self.command in ("PUT", "POST"):
+                    time.sleep(proxy.put_delay)   # a slow store: every write takes this long
+                conn = http.client.HTTPConnection(up.hostname, up.port, timeout=60)
+                conn.request(self.command, self.path, body=body,
+                             headers={k: v for k, v in self.headers.items() if k.lower() != "host"}
+                             | {"Host": f"{up.hostname}:{up.port}"})
+                resp = conn.getresponse()
+                data = resp.read()
+                proxy.requests += 1
+                if self.command == "GET" and "?" not in self.path:
+                    proxy.gets[self.path.split("/", 2)[-1]] += 1
+                self.send_response(resp.status)
+                for k, v in resp.getheaders():
+                    if k.lower() not in ("transfer-encoding", "connection", "content-length"):
+                        self.send_header(k, v)
+                # a HEAD's length is the object's, not that of its (empty) body
+                self.send_header("Content-Length", resp.getheader("Content-Length", "0") if self.command == "HEAD"
+                                 else str(len(data)))
+                self.end_headers()
+                if self.command != "HEAD":
+                    self.wfile.write(data)
+                conn.close()
+
+            do_GET = do_PUT = do_POST = do_HEAD = do_DELETE = _forward
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+
+
+def resume_reads(proxy: "_CountingProxy", tag: str) -> dict[str, int]:
+    """Object GETs under one checkpoint, by file name."""
+    return {k[len(tag) + 1:]: n for k, n in proxy.gets.items() if k.startswith(tag + "/")}
+
+
+def expected_resume_reads(world: int, zero_stage: int) -> dict[str, int]:
+    """Each rank: the manifest, its state file and (ZeRO-1/2) its optimizer partition; the node: the model
+    file once; rank 0: the config (to name changed settings). Nothing grows with the world per rank."""
+    want = {"rank00000/ds/mp_rank_00_model_states.pt": 1, "manifest.json": world, "config.yaml": 1}
+    for r in range(world):
+        want[f"state-rank{r:05d}.pt"] = 1
+        if zero_stage:
+            want[f"rank{r:05d}/ds/zero_pp_rank_{r}_mp_rank_00_optim_states.pt"] = 1
+    return want
+
+
+def test_a_resume_at_4_ranks_reads_each_file_once_per_rank_or_node(shard_set, tmp_path, s3, world=4):
+    """Storage requests of a resume, counted on the wire (2 ranks: the S3 test above): each rank fetches its
+    own optimizer partition and state file, the node fetches the shared model file once."""
+    fs, opts, name = s3
+    proxy = _CountingProxy(opts["client_kwargs"]["endpoint_url"])
+    store = json.dumps({"client_kwargs": {"endpoint_url": proxy.url}})
+    a = ["pretrain", "jobs/tiny.yaml", f"data.url={shard_set}", f"run_dir={tmp_path / 'run'}", "train.steps=2",
+         "checkpoint.every=2", "deepspeed.zero_stage=1", "data.num_workers=0", f"checkpoint.url=s3://{name}/ckpt",
+         f"checkpoint.storage_options={store}"]
+    first = torchrun(world, *a)
+    assert first.returncode == 0, first.stderr[-3000:]
+    proxy.gets.clear()
+    proxy.requests = 0
+    again = torchrun(world, *a)            # loads the step-2 checkpoint, then has nothing to do
+    assert again.returncode == 0 and "nothing to do" in again.stderr, again.stderr[-3000:]
+    assert resume_reads(proxy, "ckpt/step-000000002") == expected_resume_reads(world, zero_stage=1)
+    print(f"resume at {world} ranks: {proxy.requests} requests, {sum(proxy.gets.values())} object GETs")
+
+
+def test_the_metrics_history_follows_the_checkpoint_to_another_node(shard_set, tmp_path):
+    """A requeue elsewhere: same checkpoint URL, an empty run_dir. The history up to the checkpoint
+    comes back from the copy saved with it, and the run continues it."""
+    ck = tmp_path / "ckpt"
+    first = swav_cli(*args(shard_set, tmp_path / "a", f"checkpoint.url={ck}", "train.stop_after=4"))
+    assert first.returncode == 0, first.stderr[-3000:]
+    second = swav_cli(*args(shard_set, tmp_path / "b", f"checkpoint.url={ck}"))
+    assert second.returncode == 0, second.stderr[-3000:]
+    a, b = losses(tmp_path / "a"), losses(tmp_path / "b")
+    assert sorted(a) == [1, 2, 3, 4] and sorted(b) == list(range(1, STEPS + 1))
+    assert all(b[k] == a[k] for k in a)
+
+
+def test_uploads_overlap_training_and_a_failed_periodic_save_does_not_end_the_run(shard_set, tmp_path, s3):
+    """A store where every write takes 1 s: the steps after a checkpoint run while it uploads, and
+    `latest` is published later. Then a store that refuses writes: periodic saves fail, are logged,
+    and the run stops only after checkpoint.max_failures of them in a row."""
+    fs, opts, name = s3
+    slow = _CountingProxy(opts["client_kwargs"]["endpoint_url"], put_delay=1.0)
+    store = json.dumps({"client_kwargs": {"endpoint_url": slow.url}})
+    run = tmp_path / "run"
+    r = swav_cli(*args(shard_set, run, f"checkpoint.url=s3://{name}/ckpt", f"checkpoint.storage_options={store}",
+                       "checkpoint.every=4", "train.log_every=1", "data.num_workers=0"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    lines = r.stderr.splitlines()
+    at = {k: next(i for i, line in enumerate(lines) if k in line)
+          for k in ("step 4/8", "step 5/8", "step 6/8", "step-000000004 published")}
+    # steps 5 and 6 were logged while step 4's files were still uploading, and the upload took seconds
+    assert at["step 4/8"] < at["step 5/8"] < at["step 6/8"] < at["step-000000004 published"], lines[-40:]
+    took = float(lines[at["step-000000004 published"]].split("published (")[1].split("s")[0])
+    assert took >= 3.0, took
+    fs.invalidate_cache()
+    assert json.loads(fs.cat_file(f"{name}/ckpt/latest"))["tag"] == "step-000000008"
+
+    refusing = _CountingProxy(opts["client_kwargs"]["endpoint_url"], fail_puts=True)
+    store = json.dumps({"client_kwargs": {"endpoint_url": refusing.url}})
+    r = swav_cli(*args(shard_set, tmp_path / "run2", f"checkpoint.url=s3://{name}/other",
+                       f"checkpoint.storage_options={store}", "checkpoint.every=2", "checkpoint.max_failures=3",
+                       "data.num_workers=0"))
+    assert r.returncode == 2, r.stderr[-3000:]
+    assert r.stderr.count("was not published") >= 3 and "training goes on (1 of 2" in r.stderr, r.stderr[-3000:]
+    assert "3 failed save(s) in a row, stopping" in r.stderr.splitlines()[-1], r.stderr[-2000:]
+    # Saves at 2 and 4 failed and training went on; 6 was the third. A failure is known at the first
+    # agreement step after its upload ends (step 7, or the save at 8 that waits for it).
+    assert 7 <= max(losses(tmp_path / "run2")) <= 8
