@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -44,3 +45,12 @@ def test_a_wheel_install_finds_its_jobs_from_any_directory(tmp_path):
     bad = run(swav, "pretrain", "resnet50w9", "--dry-run", cwd=elsewhere, env=clean_env)
     assert bad.returncode == 2 and "neither a file nor a shipped job" in bad.stderr
     assert (site / "swav_jobs" / "deepspeed" / "resnet50w5.json").is_file()
+
+    # The whole product from the installed package, away from the checkout: bucket, shards, a stopped and
+    # resumed 2-rank run, eval and report, all under the user's own directory.
+    demo = run(swav, "demo", "--steps", "50", cwd=elsewhere, env=clean_env)
+    assert demo.returncode == 0, demo.stdout[-2000:] + demo.stderr[-2000:]
+    out = elsewhere / "demo-output"
+    assert "resumes from the checkpoint" in demo.stdout and (out / "report" / "README.md").is_file(), demo.stdout
+    assert json.loads((out / "run" / "checkpoints" / "latest").read_text())["tag"] == "step-000000050"
+    assert "digits kNN top-1" in demo.stdout, demo.stdout
