@@ -30,7 +30,7 @@ demo: setup
 	$(BIN)/swav demo
 
 test: setup $(I2D)
-	$(BIN)/python -m pytest -q --durations=15 tests
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile --durations=15 tests
 
 bench: setup
 	$(BIN)/python bench/run_all.py

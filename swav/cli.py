@@ -20,10 +20,11 @@ log = logging.getLogger("swav")
 def _pretrain(args: argparse.Namespace) -> int:
     from swav.catalog import resolve_config
     from swav.config import load_config
-    from swav.train import pretrain
 
     cfg = load_config(resolve_config(args.config), args.overrides)
     _apply_storage_flags(cfg, _opts(args))
+    from swav.train import pretrain   # after the config is checked: a typo is reported without loading torch
+
     pretrain(cfg, dry_run=args.dry_run)
     return 0
 

@@ -21,7 +21,7 @@ from PIL import Image
 
 from conftest import REPO, swav_cli
 from shards.index import load_index
-from shards.stream import ShardStream
+from shards.stream import ShardStream, resume_plan
 from swav.config import load_config
 from swav.data import build_loader
 from swav.multicrop import ImageTooLarge, MultiCrop
@@ -115,6 +115,21 @@ def test_index_scans_foreign_tars_and_the_stream_reads_each_sample_once(foreign,
         again = swav_cli("shards", "index", source, str(tmp_path / "again"), "--no-progress")
         assert again.returncode == 0, again.stderr
         assert list(load_index(str(tmp_path / "again")).samples) == [6, 6, 6]
+
+
+def test_a_world_size_change_on_an_indexed_set_loses_no_sample(foreign, tmp_path):
+    """2 readers stop mid-pass, 3 take over from their states: each pass still delivers every key once."""
+    root, want = foreign
+    r = swav_cli("shards", "index", str(root), str(tmp_path / "idx"), "--no-progress")
+    assert r.returncode == 0, r.stderr
+    idx = load_index(str(tmp_path / "idx"))
+    old = [ShardStream(idx, 5, c, 2, 2) for c in range(2)]
+    read = [next(old[0]) for _ in range(4)] + [next(old[1]) for _ in range(7)]
+    new = [ShardStream(idx, 5, c, 3, 2, plan=resume_plan([s.state_dict() for s in old])) for c in range(3)]
+    after = [next(s) for s in new for _ in range(40)]
+    for p in (0, 1):
+        got = [x["__key__"] for x in read + after if x["__pass__"] == p]
+        assert sorted(got) == sorted(want), f"pass {p}"
 
 
 def test_index_errors_are_one_line(foreign, tmp_path, shard_set):
