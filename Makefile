@@ -16,6 +16,9 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q -c constraints.txt torch torchvision
 	$(BIN)/python -m pip install -q -c constraints.txt --no-build-isolation deepspeed
+	# DeepSpeed compiles its CPU shared-memory allreduce op on first use (about a minute on 2 cores, once
+	# per venv path); doing it here keeps that out of the first training run (or the first test).
+	$(BIN)/python -c "from deepspeed.comm.torch import build_shm_op; build_shm_op()"
 	$(BIN)/python -m pip install -q -c constraints.txt -e '.[test]'
 	touch $@
 
@@ -30,7 +33,7 @@ demo: setup
 	$(BIN)/swav demo
 
 test: setup $(I2D)
-	$(BIN)/python -m pytest -q -n 2 --dist loadfile --durations=15 tests
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder --durations=15 tests
 
 bench: setup
 	$(BIN)/python bench/run_all.py

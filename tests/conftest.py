@@ -95,3 +95,14 @@ def moto_auth(endpoint: str, enforce: bool) -> None:
     urllib.request.urlopen(urllib.request.Request(f"{endpoint}/moto-api/reset-auth",
                                                   data=b"0" if enforce else b"inf",
                                                   headers={"Content-Type": "text/plain"}, method="POST")).read()
+
+
+# `make test` runs two files at a time (pytest-xdist, --dist loadfile, in this order). The longest files go
+# first, so that the two workers finish together instead of one running the demo test alone at the end.
+LONGEST_FIRST = ("test_demo_learning.py", "test_pretrain.py", "test_zero.py", "test_install.py")
+
+
+def pytest_collection_modifyitems(items: list) -> None:
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(LONGEST_FIRST)))
+
