@@ -1,7 +1,8 @@
-"""Inputs shared by the benchmarks: a realistic mixed bucket and a shard set built from it."""
+"""Inputs shared by the benchmarks: a realistic mixed bucket and a shard set built from it; and where results go."""
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from pathlib import Path
@@ -46,3 +47,12 @@ def shard_jpegs(limit: int = 0) -> list[tuple[str, bytes]]:
         with open(tar, "rb") as f:
             out += [(s["__key__"], s["jpg"]) for s in iter_samples(f)]
     return out[:limit] if limit else out
+
+
+def write_results(out: str, results: dict) -> None:
+    """One benchmark run's figures as indented JSON (bench/results/ for recorded runs)."""
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    with open(out, "w") as f:
+        json.dump(results, f, indent=2)
+    print(f"wrote {out}")
+

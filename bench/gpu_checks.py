@@ -22,8 +22,10 @@ import traceback
 import warnings
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+sys.path.insert(0, os.path.dirname(__file__))
 
 import torch  # noqa: E402
+from _inputs import write_results  # noqa: E402
 
 GOAL = 1500.0   # img/s/GPU for resnet50 multi-crop on an H100; the official code: ~91 per V100
 
@@ -151,10 +153,7 @@ def main() -> None:
     # A smoke run tests this script; only a GPU run's figures belong in bench/results.
     out = args.out or (os.path.join(os.path.dirname(__file__), "results", f"gpu-{res['date']}.json") if gpu
                        else os.path.join(work, "smoke.json"))
-    os.makedirs(os.path.dirname(out), exist_ok=True)
-    with open(out, "w") as f:
-        json.dump(res, f, indent=2)
-    print(f"wrote {out}")
+    write_results(out, res)
 
 
 if __name__ == "__main__":

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import platform
 import sys
@@ -11,6 +10,7 @@ import time
 sys.path.insert(0, os.path.dirname(__file__))
 
 import augment_rate  # noqa: E402
+from _inputs import write_results  # noqa: E402
 import build_rate  # noqa: E402
 import decode_scales  # noqa: E402
 import index_memory  # noqa: E402
@@ -26,10 +26,7 @@ def main() -> None:
     results["step_time"] = step_time.main()
     results["index_memory"] = index_memory.main()
     out = os.path.join(os.path.dirname(__file__), "results", f"cpu-{results['date']}.json")
-    os.makedirs(os.path.dirname(out), exist_ok=True)
-    with open(out, "w") as f:
-        json.dump(results, f, indent=2)
-    print(f"wrote {out}")
+    write_results(out, results)
 
 
 if __name__ == "__main__":
