@@ -19,9 +19,9 @@ from urllib.parse import unquote
 import fsspec
 import pyarrow as pa
 import pyarrow.csv as pacsv
-import pyarrow.parquet as pq
 
 from pipeline.listing import SourceObject
+from shards.manifest import open_parquet
 from shards.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -71,7 +71,7 @@ def _read(list_url: str, options: dict | None) -> Iterator[pa.RecordBatch]:
         raise UserError(f"--from-list: not found: {list_url}") from None
     with f:
         if name.endswith((".parquet", ".pq")):
-            yield from pq.ParquetFile(f).iter_batches(batch_size=BATCH, use_threads=False)
+            yield from open_parquet(f).iter_batches(batch_size=BATCH, use_threads=False)
             return
         if not name.endswith((".csv", ".csv.gz", ".txt", ".txt.gz")):
             raise UserError(f"--from-list takes .parquet or .csv/.txt (optionally .gz), not {list_url}")

@@ -23,6 +23,7 @@ import pyarrow.parquet as pq
 
 from pipeline.listing import SourceObject
 from shards import layout
+from shards.manifest import open_parquet
 from shards.storage import join, read_json, with_retries, write_bytes
 
 SNAPSHOT_SCHEMA = pa.schema([
@@ -123,7 +124,7 @@ def write_additions(fs, root: str, part: int, num_parts: int, objects: Iterable[
 
 def _run_rows(fs, path: str) -> Iterator[tuple[int, str, int, int]]:
     with fs.open(path, "rb") as f:
-        for batch in pq.ParquetFile(f).iter_batches(batch_size=MERGE_BATCH, use_threads=False):
+        for batch in open_parquet(f).iter_batches(batch_size=MERGE_BATCH, use_threads=False):
             d = batch.to_pydict()
             yield from zip(d["order"], d["rel"], d["list_pos"], d["size"])  # the tuples _write_runs takes
 

@@ -64,7 +64,16 @@ def table_to_parquet_bytes(table: pa.Table) -> bytes:
     return buf.getvalue()
 
 
+def open_parquet(source) -> pq.ParquetFile:
+    """A reader that never starts Arrow's I/O thread pool.
+
+    With pre-buffering (read_table's default, even with use_threads=False) a pool thread completes the read and
+    later drops its reference to a Python-owned buffer; when that happens while the interpreter exits, Python ends
+    the thread mid-destructor and the process aborts ("terminate called without an active exception", about one
+    run in twenty under load). Our manifests, indexes and runs are read sequentially anyway.
+    """
+    return pq.ParquetFile(source, pre_buffer=False)
+
+
 def from_parquet_bytes(data: bytes, columns: list[str] | None = None) -> pa.Table:
-    # No reader threads: pyarrow's thread pool can abort the process at exit after reading from a
-    # Python file object (apache/arrow#34314, #50482); our manifests are small.
-    return pq.read_table(io.BytesIO(data), columns=columns, use_threads=False)
+    return open_parquet(pa.BufferReader(data)).read(columns=columns, use_threads=False)
