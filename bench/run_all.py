@@ -13,6 +13,7 @@ import augment_rate  # noqa: E402
 from _inputs import write_results  # noqa: E402
 import build_rate  # noqa: E402
 import decode_scales  # noqa: E402
+import eval_rate  # noqa: E402
 import index_memory  # noqa: E402
 import step_time  # noqa: E402
 
@@ -25,6 +26,7 @@ def main() -> None:
     results["decode_scales"] = decode_scales.main()
     results["step_time"] = step_time.main()
     results["index_memory"] = index_memory.main()
+    results["eval_features"] = eval_rate.main()
     out = os.path.join(os.path.dirname(__file__), "results", f"cpu-{results['date']}.json")
     write_results(out, results)
 
