@@ -44,7 +44,7 @@ def extract(trunk: nn.Module, pairs: Iterable[tuple[bytes, str]], size: int, bat
     """L2-normalised trunk features [N, D] (in eval mode, on `device`) and the class of each, streamed."""
     from tqdm import tqdm
 
-    # NHWC: 1.2-1.3x the images/s of NCHW for the demo's thin trunk on an idle CPU core, 1.9x with the other
+    # NHWC: 1.2-1.4x the images/s of NCHW for the demo's thin trunk on an idle CPU core, 1.9x with the other
     # core busy (bench/eval_rate.py), and what cuDNN prefers on GPU; the features agree to float rounding.
     trunk.eval().to(device, memory_format=torch.channels_last)
     feats, labels, batch = [], [], []
