@@ -6,15 +6,12 @@ drift in machine speed hits both. Also prints how far the features of the two la
 
 from __future__ import annotations
 
-import os
-import sys
+import copy
 import time
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 
 def main(blocks: int = 4, batches_per_block: int = 4) -> dict:
@@ -27,9 +24,7 @@ def main(blocks: int = 4, batches_per_block: int = 4) -> dict:
     digits = torch.from_numpy(load_digits().images[:64].astype(np.float32) / 16.0)
     x = F.interpolate(digits[:, None], size=64, mode="bilinear").expand(-1, 3, -1, -1).contiguous()
     trunk = build_trunk("resnet50w0.125").eval()
-    nhwc_trunk = build_trunk("resnet50w0.125").eval()
-    nhwc_trunk.load_state_dict(trunk.state_dict())
-    nhwc_trunk = nhwc_trunk.to(memory_format=torch.channels_last)
+    nhwc_trunk = copy.deepcopy(trunk).to(memory_format=torch.channels_last)
     x_nhwc = x.contiguous(memory_format=torch.channels_last)
     seconds = {"nchw": 0.0, "nhwc": 0.0}
     with torch.no_grad():

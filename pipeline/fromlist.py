@@ -21,8 +21,8 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 
 from pipeline.listing import SourceObject
-from shards.manifest import open_parquet
 from shards.errors import UserError
+from shards.manifest import open_parquet
 
 log = logging.getLogger(__name__)
 BATCH = 65536

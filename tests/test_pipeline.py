@@ -96,7 +96,7 @@ def test_rerun_is_a_no_op_and_info_and_verify_agree(bucket, shard_set):
     assert before == {p: p.read_bytes() for p in (shard_set / "shards").glob("*.tar")}
 
 
-def test_reading_a_set_starts_no_arrow_io_thread(shard_set):
+def test_reading_a_set_starts_no_arrow_io_thread(shard_set, tmp_path):
     # A CI run once saw `swav shards info` print its JSON and then abort at exit: an Arrow I/O thread still
     # finishing a pre-buffered parquet read when the interpreter shut down. Too rare (about 1 in 20 under load)
     # to catch by rerunning, so this checks the cause: reading manifests, the index and the build's sorted runs
@@ -111,7 +111,7 @@ def test_reading_a_set_starts_no_arrow_io_thread(shard_set):
         native = lambda: len(os.listdir("/proc/self/task")) - threading.active_count()
         before = native()
         info({str(shard_set)!r}); verify({str(shard_set)!r}, progress=False)
-        run = os.path.join({str(shard_set)!r}, "..", "run.parquet")
+        run = {str(tmp_path / "run.parquet")!r}
         with open(run, "wb") as f:
             f.write(table_to_parquet_bytes(pa.table({{"order": [1], "rel": ["a"], "list_pos": [0], "size": [3]}})))
         assert list(_run_rows(get_fs(run)[0], run)) == [(1, "a", 0, 3)]
