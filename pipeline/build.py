@@ -244,6 +244,7 @@ class _Processor:
         # start in milliseconds (spawn re-imports everything per worker) and inherit none of our threads.
         self.ctx = multiprocessing.get_context("forkserver")
         self.ctx.set_forkserver_preload(["pipeline.normalise"])
+        self._check_decoders_start()
         self.procs = ProcessPoolExecutor(self.workers, mp_context=self.ctx)
         self.threads = ThreadPoolExecutor(max(cfg.io_threads, self.workers))
         self.window = max(4 * self.workers, cfg.io_threads * 2)
@@ -267,9 +268,33 @@ class _Processor:
             try:
                 return solo.submit(decode_job, data, self.ncfg).result()
             except BrokenProcessPool:
+                # Only an object that kills a decoder which can otherwise run is at fault.
+                self._check_decoders_start()
                 log.warning("%s killed its decoder twice; rejected as decoder_crash", obj.url)
                 return {"status": "rejected", "reason": "decoder_crash",
                         "detail": "the decoder process died on this object twice"}
+
+    def _check_decoders_start(self) -> None:
+        """Raise a UserError when fresh decoder processes die before running anything.
+
+        Then no object is at fault, and rejecting the objects in flight as decoder_crash would lose them.
+        The common cause is a user's own script that calls build() outside an `if __name__ == "__main__":`
+        guard: forkserver imports the main module again in the new process, which then starts a build of
+        its own during its bootstrap and dies.
+        """
+        for _ in range(3):   # a probe killed from outside (the OOM killer) is a fault: try a new one
+            with ProcessPoolExecutor(1, mp_context=self.ctx) as probe:
+                try:
+                    probe.submit(os.getpid).result()
+                    return
+                except BrokenProcessPool:
+                    pass
+        raise UserError(
+            "decoder processes cannot start: a new one died before decoding anything, so no object was "
+            "rejected for it. If you call pipeline.build.build() from a script of your own, put the call "
+            "under `if __name__ == \"__main__\":` (decoders start through multiprocessing's forkserver, "
+            "which imports your script again in each new process); otherwise check the memory and process "
+            "limits (ulimit -u). Committed shards are kept: rerun the same command to continue")
 
     def _replace(self, broken: ProcessPoolExecutor) -> None:
         with self.lock:

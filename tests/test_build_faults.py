@@ -144,3 +144,31 @@ def test_a_storage_outage_mid_build_stops_it_and_the_rerun_equals_a_clean_build(
         server.stop()
     assert tree(dst) == tree(clean)
     assert not {"read_error", "missing"} & set(reasons(dst))
+
+
+def test_a_script_without_a_main_guard_gets_a_clear_error_and_loses_nothing(tmp_path):
+    # Decoders start through forkserver, which imports the calling script again in each new process: an
+    # unguarded build() there dies during that process's bootstrap. It used to cost every object a
+    # decoder_crash rejection; no object is at fault, so the build must stop and say what to change.
+    src = tmp_path / "src"
+    jpegs(src, 12)
+    dst = tmp_path / "set"
+    call = (f"r = build({str(src)!r}, {str(dst)!r}, BuildConfig(samples_per_shard=4, workers=2), progress=False)\n"
+            f"print('accepted', r.accepted, r.reasons)\n")
+    head = "from pipeline.build import BuildConfig, build\n"
+    script = tmp_path / "make_shards.py"
+    script.write_text(head + call)
+    r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert r.returncode != 0
+    assert "UserError: decoder processes cannot start" in r.stderr, r.stderr[-3000:]
+    assert 'put the call under `if __name__ == "__main__":`' in r.stderr
+    assert reasons(dst) == {} and not list(dst.rglob("*.tar"))
+
+    # With the guard, the same destination completes and equals a clean build of the same bucket.
+    script.write_text(head + 'if __name__ == "__main__":\n' + "".join("    " + line for line in call.splitlines(True)))
+    r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "accepted 12 {}" in r.stdout
+    clean = tmp_path / "clean"
+    build(str(src), str(clean), BuildConfig(samples_per_shard=4, workers=2), progress=False)
+    assert tree(dst) == tree(clean) and tree(dst)
