@@ -31,26 +31,32 @@ def test_zero_0_and_2_are_bitwise_equal_on_one_rank(tmp_path):
         assert max_rel_diff(a["params"], b["params"]) == 0.0
 
 
-# ZeRO-0 vs ZeRO-1/2, LARS, 2 ranks, 4 steps (prototypes frozen for 2), measured over data seeds 0-5
-# (tests/dist/zero_steps.py's last argument) on this machine kind:
-#   params, max relative difference per step: step 0 <= 3.3e-8, step 1 <= 1.9e-7, step 2 <= 1.4e-4, step 3 <= 1.7e-3
-#   loss, relative difference per step:       steps 0-1 = 0,   step 2 <= 1.0e-6,  step 3 <= 4.2e-4
-# Step 0 starts from identical weights, so only the order of the gradient reduction differs: that bound
-# stays tight. After it LARS's per-layer trust ratio ||w|| / ||g|| amplifies those last-bit differences on
-# near-zero gradients, and more once the prototypes unfreeze (step 2); the spread over seeds spans more
-# than a decade. The later bounds are 10x the largest difference measured over the six seeds.
-LARS_PARAM_BOUND = (1e-6, 2e-6, 2e-3, 2e-2)
-LARS_LOSS_BOUND = (1e-6, 1e-6, 1e-5, 5e-3)
+# ZeRO-0 vs ZeRO-1/2 with LARS, 2 ranks, prototypes learning from step 0, over data seeds 0-5
+# (tests/dist/zero_steps.py's last argument), on two hosts of this machine kind:
+#   params, max relative difference: step 0 <= 3.3e-8, step 1 <= 2.2e-7 (both hosts)
+#   loss, relative difference:       step 0 = 0,       step 1 <= 8.6e-8
+# Step 0 starts from identical weights, so only the order of the gradient reduction differs, and step 1
+# carries the momentum through ZeRO's flat partitions: a trust ratio taken over a partition instead of a
+# layer would be off by orders of magnitude there. Later steps are not compared: LARS's per-layer
+# ||w|| / ||g|| amplifies those last-bit differences about a thousandfold per step in this tiny model
+# (step 2: 2e-5 to 1e-3, step 3: 8e-5 to 8.6e-2 across the same seeds), and by a factor that differs
+# between hosts (step 2's loss differed by at most 1.0e-6 on one, 3.0e-5 on the other), so no bound
+# there would be both tight and safe. Plain momentum SGD below covers the steps after, with the
+# prototype freeze ending at step 2: it has no per-layer normalisation, and ZeRO-2 matched ZeRO-0
+# bitwise at all 4 steps on every seed (bound: 1e-5).
+LARS_PARAM_BOUND = (1e-6, 2e-6)
+LARS_LOSS_BOUND = 1e-6
 
 
 def test_zero_0_1_2_agree_on_two_ranks(tmp_path):
-    runs = {s: run_stage(tmp_path, s, 2) for s in (0, 1, 2)}
+    runs = {s: run_stage(tmp_path, s, 2, steps=2, freeze=0) for s in (0, 1, 2)}
     for stage in (1, 2):
         for step, (a, b) in enumerate(zip(runs[0], runs[stage])):
-            assert abs(a["loss"] - b["loss"]) <= LARS_LOSS_BOUND[step] * abs(a["loss"]), (stage, step)
+            assert abs(a["loss"] - b["loss"]) <= LARS_LOSS_BOUND * abs(a["loss"]), (stage, step)
             assert max_rel_diff(a["params"], b["params"]) < LARS_PARAM_BOUND[step], (stage, step)
-    # Plain momentum SGD has no per-layer normalisation to amplify rounding: a tight bound at every step.
+        assert len(runs[stage]) == 2
     sgd = {s: run_stage(tmp_path, s, 2, optim="sgd") for s in (0, 2)}
+    assert len(sgd[2]) == 4
     for a, b in zip(sgd[0], sgd[2]):
         assert max_rel_diff(a["params"], b["params"]) < 1e-5
 
