@@ -4,6 +4,10 @@ PY      ?= python3
 VENV    := .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.stamp-setup
+# Fail before a long install that cannot fit (pip would stop minutes in with "No space left on device").
+# Sizes measured on a fresh clone: .venv 6.4 GiB (torch's CUDA wheels are most of it), img2dataset's venv 0.8 GiB.
+NEED_GIB = $(PY) -c 'import shutil, sys; need, free = float(sys.argv[1]), shutil.disk_usage(".").free / 2**30; \
+	sys.exit(0 if free >= need else "%s needs about %.1f GiB free on this disk; %.1f GiB free" % (sys.argv[2], need, free))'
 export DS_ACCELERATOR ?= cpu
 export DS_BUILD_OPS ?= 0
 
@@ -12,6 +16,7 @@ export DS_BUILD_OPS ?= 0
 setup: $(STAMP)
 
 $(STAMP): pyproject.toml constraints.txt
+	$(BIN)/python -c 'import torch' 2>/dev/null || $(NEED_GIB) 6.6 "make setup (torch and its CUDA libraries)"
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q -c constraints.txt torch torchvision
@@ -26,6 +31,7 @@ $(STAMP): pyproject.toml constraints.txt
 # would downgrade ours. Only the tests need it (they drive its real CLI), so `make demo` skips it.
 I2D := $(VENV)/tools/img2dataset/bin/img2dataset
 $(I2D): $(STAMP)
+	$(NEED_GIB) 1.0 "img2dataset's venv (for the tests)"
 	$(PY) -m venv $(VENV)/tools/img2dataset
 	$(VENV)/tools/img2dataset/bin/python -m pip install -q img2dataset==1.47.0
 
