@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
+import logging
 import os
 import uuid
 from dataclasses import dataclass
@@ -14,6 +16,8 @@ from shards.errors import UserError
 from shards.manifest import from_parquet_bytes
 from shards.members import IMAGE_EXTENSIONS
 from shards.storage import explain, get_fs, join, read_bytes, read_json
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -68,21 +72,81 @@ def load_index(url: str, options: dict | None = None, require_record: bool = Tru
                       sha256=table.column("sha256"), record=record)
 
 
+SHARED_PREFIX = "swav-index-"
+_held: dict[str, int] = {}   # path -> the descriptor whose lock marks the file as in use
+
+
 def share_index(idx: ShardIndex, folder: str) -> str:
     """Write the index as an Arrow IPC file for other processes to memory-map (open_shared_index).
 
     DataLoader workers then share one copy through the page cache instead of each loading their own
     (about 240 MB apiece at a million shards); with the spawn start method they receive only the path.
+    The file stays locked while its process (or a forked worker) lives, so that copies left by killed
+    processes, which never ran their cleanup, are recognised and removed here (the temp dir is often
+    RAM-backed, and a preempted node runs the job again and again).
     """
+    stale = remove_stale_shared(folder)
+    if stale:
+        log.info("removed %d shard-index copies that killed processes left in %s", len(stale), folder)
     table = pa.table({"name": idx.names, "samples": pa.array(idx.samples), "bytes": pa.array(idx.nbytes),
                       "sha256": idx.sha256.combine_chunks() if hasattr(idx.sha256, "combine_chunks") else idx.sha256})
     table = table.replace_schema_metadata({"url": idx.url, "record": json.dumps(idx.record)})
     os.makedirs(folder, exist_ok=True)
-    path = os.path.join(folder, f"swav-index-{os.getpid()}-{uuid.uuid4().hex[:8]}.arrow")
-    with pa.OSFile(path + ".tmp", "wb") as f, pa.ipc.new_file(f, table.schema) as writer:
-        writer.write_table(table)
-    os.replace(path + ".tmp", path)
-    return path
+    for attempt in range(5):
+        path = os.path.join(folder, f"{SHARED_PREFIX}{os.getpid()}-{uuid.uuid4().hex[:8]}.arrow")
+        # Locked from creation, and the lock follows the file through the rename. Another process's
+        # sweep can still take the file in the instant between its creation and the lock: then the
+        # inode written is not the one locked, and it starts again under a new name.
+        fd = os.open(path + ".tmp", os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
+        fcntl.flock(fd, fcntl.LOCK_SH)
+        with pa.OSFile(path + ".tmp", "wb") as f, pa.ipc.new_file(f, table.schema) as writer:
+            writer.write_table(table)
+        if os.stat(path + ".tmp").st_ino == os.fstat(fd).st_ino or attempt == 4:
+            os.replace(path + ".tmp", path)
+            _held[path] = fd
+            return path
+        os.close(fd)
+        os.remove(path + ".tmp")
+    raise AssertionError("unreachable")
+
+
+def release_shared(path: str) -> None:
+    """Delete a file from share_index and drop its lock (at exit of the process that wrote it)."""
+    try:
+        os.remove(path)
+    except OSError:
+        pass
+    fd = _held.pop(path, None)
+    if fd is not None:
+        os.close(fd)
+
+
+def remove_stale_shared(folder: str) -> list[str]:
+    """Remove the files of share_index whose writers are gone (nobody holds their lock); their names."""
+    removed = []
+    try:
+        names = [n for n in os.listdir(folder) if n.startswith(SHARED_PREFIX) and n.endswith((".arrow", ".tmp"))]
+    except FileNotFoundError:
+        return removed
+    for name in names:
+        path = os.path.join(folder, name)
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except OSError:   # removed meanwhile
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:   # in use
+            os.close(fd)
+            continue
+        try:
+            os.remove(path)
+            removed.append(name)
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
+    return removed
 
 
 def open_shared_index(path: str) -> ShardIndex:

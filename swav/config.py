@@ -98,7 +98,7 @@ class CheckpointConfig:
     every: int = 500
     keep: int = 2
     storage_options: dict = field(default_factory=dict)
-    stage_dir: str = ""                 # local staging ("" = a temp dir)
+    stage_dir: str = ""                 # local staging, in a sub-folder per job ("" = the temp dir)
     # A periodic save whose upload fails is logged and skipped; this many failures in a row stop the run.
     max_failures: int = 3
 

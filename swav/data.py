@@ -11,8 +11,8 @@ import atexit
 import json
 import logging
 import os
-import tempfile
 import signal
+import tempfile
 import warnings
 from typing import Any, Iterator
 
@@ -20,7 +20,8 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 from torchdata.stateful_dataloader import StatefulDataLoader
 
-from shards.index import load_index, open_shared_index, share_index
+from shards.errors import UserError
+from shards.index import load_index, open_shared_index, release_shared, share_index
 from shards.stream import ShardStream
 from swav.augment import CropBatch
 from swav.multicrop import CropBatcher, MultiCrop
@@ -95,7 +96,7 @@ class MultiCropStream(IterableDataset):
         self.plan, self.describe = plan, describe
         # Loaded once per rank, here; workers memory-map the copy (see share_index).
         self._shared = share_index(load_index(url, storage_options), tempfile.gettempdir())
-        atexit.register(_remove, self._shared)
+        atexit.register(release_shared, self._shared)
         self._index = None
 
     def __iter__(self) -> Iterator[CropBatch]:
@@ -110,8 +111,29 @@ class MultiCropStream(IterableDataset):
         return _Batches(stream, self.mc, self.batch_size, self.augment, self.describe)
 
 
+# Workers hand each batch's tensors to the trainer as file descriptors, over a Unix socket that
+# multiprocessing creates at TEMP/pymp-XXXXXXXX/listener-XXXXXXXX. Linux caps a socket path at 107 bytes;
+# past it the socket cannot be bound, and the loader waits forever instead of failing.
+_SOCKET_PATH_MAX = 107
+_SOCKET_SUFFIX = len("/pymp-XXXXXXXX/listener-XXXXXXXX")
+
+
+def check_temp_dir_for_workers(num_workers: int) -> None:
+    """A clear error, before any worker starts, where a long temp dir would hang the loader."""
+    if num_workers == 0 or torch.multiprocessing.get_sharing_strategy() != "file_descriptor":
+        return
+    temp = tempfile.gettempdir()
+    room = _SOCKET_PATH_MAX - _SOCKET_SUFFIX
+    if len(os.fsencode(temp)) > room:
+        raise UserError(f"the temp dir {temp} is {len(os.fsencode(temp))} bytes long; DataLoader workers pass "
+                        f"batches through Unix sockets created inside it, whose paths Linux caps at "
+                        f"{_SOCKET_PATH_MAX} bytes, so it must be at most {room}: set TMPDIR to a shorter "
+                        f"folder (e.g. TMPDIR=/tmp), or data.num_workers=0")
+
+
 def build_loader(cfg: Any, rank: int, world_size: int, pin_memory: bool = False,
                  plan: dict | None = None, describe: bool = False) -> StatefulDataLoader:
+    check_temp_dir_for_workers(cfg.data.num_workers)
     mc = MultiCrop.from_config(cfg.crops, cfg.seed, cfg.data.max_pixels)
     ds = MultiCropStream(cfg.data.url, cfg.data.storage_options, cfg.seed, rank, world_size, cfg.train.batch_size,
                          mc, augment=cfg.crops.augment_on == "cpu", window=cfg.data.shuffle_window,
@@ -138,13 +160,6 @@ def ignore_preemption_signals(_worker_id: int) -> None:
         sig = getattr(signal, name, None)
         if sig is not None:
             signal.signal(sig, signal.SIG_IGN)
-
-
-def _remove(path: str) -> None:
-    try:
-        os.remove(path)
-    except OSError:
-        pass
 
 
 def _identity(x):

@@ -12,14 +12,13 @@ endless stream whose position is checkpointed with everything else.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import io
 import logging
 import math
 import os
 import random
+import shutil
 import signal
-import tempfile
 import time
 from dataclasses import dataclass, field
 
@@ -32,7 +31,7 @@ from shards.errors import UserError
 from shards.logs import setup_logging
 from shards.stream import resume_plan
 from swav import checkpoint as ckpt
-from swav import distributed, reshard
+from swav import distributed, reshard, staging
 from swav.config import Config, to_yaml
 from swav.data import build_loader, stream_states
 from swav.engine import apply_channels_last, build_engine, build_model, set_step_hyperparams
@@ -206,8 +205,14 @@ def pretrain(cfg: Config, dry_run: bool = False) -> RunResult:
     store = ckpt.CheckpointStore(_checkpoint_url(cfg), cfg.checkpoint.storage_options)
     # One staging folder per run and node (ranks use sub-folders of their own): a resume downloads the
     # files every rank needs once per node, not once per rank.
-    stage_root = cfg.checkpoint.stage_dir or os.path.join(
-        tempfile.gettempdir(), "swav-stage-" + hashlib.sha1(store.url.encode()).hexdigest()[:12])
+    stage_root = staging.stage_root(store.url, cfg.checkpoint.stage_dir)
+    if int(os.environ.get("LOCAL_RANK", 0)) == 0:
+        swept = staging.sweep(stage_root)
+        if swept:
+            log.info("removed %d staging folder(s) a killed run left in %s: %s", len(swept), stage_root,
+                     ", ".join(swept))
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()   # swept before any rank of the node stages or downloads into it
 
     start_step, loader_state, plan, last_url = _resume(cfg, engine, queue, store, stage_root, rank, world)
     loader = build_loader(cfg, rank, world, pin_memory=on_gpu, plan=plan)
@@ -217,6 +222,7 @@ def pretrain(cfg: Config, dry_run: bool = False) -> RunResult:
     result = RunResult(step=start_step, stopped_early=False, checkpoint=last_url)
     if start_step >= cfg.train.steps:
         log.info("nothing to do: the checkpoint is at step %d of %d", start_step, cfg.train.steps)
+        staging.remove_if_empty(stage_root)
         return result
 
     autocast = (torch.autocast(device_type=device.type, dtype=torch.bfloat16) if cfg.precision == "bf16"
@@ -330,6 +336,7 @@ def pretrain(cfg: Config, dry_run: bool = False) -> RunResult:
             bar.close()
             metrics.close()
             uploads.close()
+            staging.remove_if_empty(stage_root)
             del it
     if rank == 0 and not result.stopped_early:
         log.info("done: %d steps, last checkpoint %s (saved at step %d)", result.step, result.checkpoint, last_saved)
@@ -450,9 +457,10 @@ def _load_engine(cfg: Config, engine, src: ckpt.CheckpointStore, ref, stage_root
         _reshard_momentum(engine, src, ref, mine, rank)
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.barrier()   # nobody reads the shared files any more
-    ckpt.clear_dir(mine)
+    shutil.rmtree(mine, ignore_errors=True)
     if local_rank == 0:
-        ckpt.clear_dir(os.path.join(node, "shared"))
+        shutil.rmtree(os.path.join(node, "shared"), ignore_errors=True)
+    staging.remove_if_empty(node)
     return path
 
 

@@ -25,7 +25,7 @@ import torch.distributed as dist
 
 from shards.errors import UserError
 from swav import checkpoint as ckpt
-from swav import distributed
+from swav import distributed, staging
 
 log = logging.getLogger("swav.train")
 
@@ -37,6 +37,7 @@ class _Pending:
     future: Future
     rank0_files: dict[str, bytes]   # config and metrics as they were at the step (rank 0 only)
     t0: float
+    staged: str
 
 
 class CheckpointUploads:
@@ -53,7 +54,7 @@ class CheckpointUploads:
         """Upload this rank's staged folder (its DeepSpeed files and its state file) in the background."""
         assert self.pending is None, "publish the previous checkpoint first"
         self.pending = _Pending(tag, step, self.pool.submit(self._upload, tag, staged), rank0_files,
-                                time.perf_counter())
+                                time.perf_counter(), staged)
 
     def _upload(self, tag: str, staged: str) -> dict[str, int]:
         try:
@@ -95,6 +96,8 @@ class CheckpointUploads:
         err = p.future.exception()
         mine = {"error": f"{type(err).__name__}: {err}"} if err is not None else {"files": p.future.result()}
         every = distributed.all_gather_object(mine)
+        # Every rank's upload has ended, and each removed its own files when it did.
+        staging.remove_if_empty(p.staged)
         errors = [f"rank {r}: {x['error']}" for r, x in enumerate(every) if "error" in x]
         if errors:
             self.failures += 1

@@ -136,6 +136,29 @@ def test_peek_cli_writes_one_line_per_batch(digit_set, tmp_path):
     assert "source folders per batch" in r.stdout and "i.i.d. batch would hold" in r.stdout
 
 
+def test_a_temp_dir_too_long_for_the_workers_sockets_is_a_clear_error_not_a_hang(digit_set):
+    """Linux caps a Unix socket path at 107 bytes; the workers' sockets add 32 to the temp dir's path."""
+    import shutil
+    import tempfile
+
+    base = tempfile.mkdtemp(prefix="t")   # short, whatever pytest's own folder is
+    try:
+        for length, ok in ((75, True), (76, False)):
+            temp = Path(base) / ("x" * (length - len(base) - 1))
+            temp.mkdir()
+            assert len(str(temp)) == length
+            r = swav_cli("shards", "peek", str(digit_set), "train.batch_size=64", "--ranks", "1", "--workers", "1",
+                         "--batches", "1", env={"TMPDIR": str(temp)}, timeout=120)
+            if ok:
+                assert r.returncode == 0, r.stderr[-2000:]
+                assert "source folders per batch" in r.stdout
+            else:
+                assert r.returncode != 0 and "Traceback" not in r.stderr, r.stderr[-2000:]
+                assert f"the temp dir {temp} is 76 bytes long" in r.stderr and "TMPDIR" in r.stderr, r.stderr
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+
+
 def test_the_shuffle_window_mixes_even_one_class_per_shard(tmp_path):
     # Tars written by someone else in listing order: shard s holds only class s // 2 (its url mem://s/i).
     root = synthetic_set(tmp_path / "set", shards=20, per_shard=40, jpeg=b"not decoded by peek")

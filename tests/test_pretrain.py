@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 
@@ -28,11 +31,24 @@ def losses(run: Path) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in read_metrics(str(run / "metrics.jsonl"))}
 
 
-def launch(nproc: int, argv: list[str]) -> subprocess.Popen:
+def launch(nproc: int, argv: list[str], env: dict | None = None) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
            str(free_port()), "-m", "swav.cli", *argv]
     return subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
+                            start_new_session=True, env={**os.environ, **(env or {})})
+
+
+@pytest.fixture
+def own_temp() -> Iterator[tuple[Path, dict]]:
+    """A temp dir of the run's own (TMPDIR), to see what a run leaves in it. Short: the loader's worker
+    sockets live in it, and pytest's own folders can be too long for them (swav/data.py)."""
+    folder = Path(tempfile.mkdtemp(prefix="t"))
+    yield folder, {"TMPDIR": str(folder)}
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+def ours(folder: Path) -> list[str]:
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("swav-*"))
 
 
 @pytest.fixture(scope="module")
@@ -49,9 +65,10 @@ def baselines(shard_set, tmp_path_factory) -> dict[int, dict[int, float]]:
 
 
 @pytest.mark.parametrize("nproc", [1, 2])
-def test_kill_9_mid_run_then_rerun_reproduces_the_losses_bitwise(shard_set, tmp_path, baselines, nproc):
+def test_kill_9_mid_run_then_rerun_reproduces_the_losses_bitwise(shard_set, tmp_path, baselines, nproc, own_temp):
     run = tmp_path / "run"
-    proc = launch(nproc, args(shard_set, run))
+    temp, env = own_temp
+    proc = launch(nproc, args(shard_set, run), env)
     target = 5 + nproc % 2  # a step that is not a checkpoint step, and differs per case
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None:
@@ -61,24 +78,33 @@ def test_kill_9_mid_run_then_rerun_reproduces_the_losses_bitwise(shard_set, tmp_
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     assert max(losses(run)) < STEPS, "the run was killed before it finished"
-    r = torchrun(nproc, *args(shard_set, run))
+    assert len([n for n in ours(temp) if n.startswith("swav-index-")]) == nproc, ours(temp)
+    r = torchrun(nproc, *args(shard_set, run), env=env)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "resuming from" in r.stderr
     assert losses(run) == baselines[nproc]
+    assert ours(temp) == [], ("the rerun removes what the killed run left in the temp dir, and leaves nothing",
+                              r.stderr[-5000:])
 
 
-def test_kill_during_checkpoint_upload_resumes_from_the_last_published_one(shard_set, tmp_path, baselines):
+def test_kill_during_checkpoint_upload_resumes_from_the_last_published_one(shard_set, tmp_path, baselines,
+                                                                           own_temp):
     run = tmp_path / "run"
+    temp, env = own_temp
     # Fault injection: rank 0 SIGKILLs itself after its first file upload of the step-4 checkpoint.
-    r = torchrun(2, *args(shard_set, run), env={"SWAV_FAULT_KILL_UPLOAD": "4:1"})
+    r = torchrun(2, *args(shard_set, run), env={"SWAV_FAULT_KILL_UPLOAD": "4:1", **env})
     assert r.returncode != 0
+    staged = [p for p in temp.glob("swav-stage-*/step-000000004/**/*") if p.is_file()]
+    assert staged, f"the killed rank's staged files are left behind: {ours(temp)}"
     ckpts = run / "checkpoints"
     assert json.loads((ckpts / "latest").read_text())["tag"] == "step-000000002"
     assert (ckpts / "step-000000004").exists() and not (ckpts / "step-000000004" / "manifest.json").exists()
-    r = torchrun(2, *args(shard_set, run))
+    r = torchrun(2, *args(shard_set, run), env=env)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "resuming from" in r.stderr and "step-000000002" in r.stderr
+    assert "removed 1 staging folder(s) a killed run left" in r.stderr
     assert losses(run) == baselines[2]
+    assert ours(temp) == [], "staged and resume folders are removed once uploaded or loaded"
     kept = sorted(p.name for p in ckpts.iterdir() if p.name.startswith("step-"))
     assert kept == ["step-000000006", "step-000000008"], "checkpoint.keep=2, the half-written one cleaned up"
 

@@ -291,3 +291,45 @@ def test_remote_shards_can_be_cached_locally_under_a_size_cap(tmp_path, s3):
     cached = list(cache.glob("*.tar"))
     assert 1 <= len(cached) <= 2, "the cache keeps at most cache_max_bytes of shards"
     assert not list(cache.glob("*.tmp-*"))
+
+
+_SHARE_AND_WAIT = """
+import os, signal, sys
+from shards.index import load_index, share_index
+path = share_index(load_index(sys.argv[1]), sys.argv[2])
+print(path, flush=True)
+if sys.argv[3] == "kill":
+    os.kill(os.getpid(), signal.SIGKILL)   # as a preempted node does: no atexit, no cleanup
+sys.stdin.read()                           # alive, and so using its copy, until told to go
+"""
+
+
+def test_shared_index_copies_left_by_killed_processes_are_removed_and_live_ones_kept(small_set, tmp_path):
+    import subprocess
+    import sys
+
+    from conftest import REPO
+    from shards.index import open_shared_index, release_shared, share_index
+
+    folder = tmp_path / "tmp"
+
+    def start(mode: str) -> tuple[subprocess.Popen, Path]:
+        p = subprocess.Popen([sys.executable, "-c", _SHARE_AND_WAIT, str(small_set), str(folder), mode], cwd=REPO,
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        return p, Path(p.stdout.readline().strip())
+
+    live, live_copy = start("wait")
+    killed, killed_copy = start("kill")
+    assert killed.wait(60) == -9
+    assert killed_copy.exists() and live_copy.exists()
+    mine = Path(share_index(load_index(str(small_set)), str(folder)))
+    assert not killed_copy.exists(), "the killed process's copy is removed by the next process that shares one"
+    assert live_copy.exists(), "a live process's copy is kept"
+    assert open_shared_index(str(live_copy)).names.equals(load_index(str(small_set)).names), "and intact"
+    live.stdin.close()
+    assert live.wait(60) == 0
+    release_shared(str(mine))
+    assert not mine.exists()
+    again = Path(share_index(load_index(str(small_set)), str(folder)))
+    assert sorted(p.name for p in folder.iterdir()) == [again.name], "the exited process's copy went too"
+    release_shared(str(again))
