@@ -282,15 +282,32 @@ def _safe_globals() -> list:
 def safe_load(source: str | bytes, map_location: Any = "cpu", what: str = "") -> Any:
     """torch.load with weights_only=True (plus the few types DeepSpeed stores) from a path or bytes."""
     import io
+    import pickle
 
     what = what or (os.path.basename(source) if isinstance(source, str) else "a checkpoint file")
     try:
         with torch.serialization.safe_globals(_safe_globals()):
             return torch.load(io.BytesIO(source) if isinstance(source, bytes) else source,
                               map_location=map_location, weights_only=True)
-    except Exception as e:  # noqa: BLE001 - pickle refuses: say which file and why
-        raise UserError(f"refusing to load {what}: it is not a plain tensor checkpoint "
-                        f"({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+    except Exception as e:  # noqa: BLE001 - say which file, and whether it is damaged or refused
+        lines = str(e).splitlines()
+        why = f"{type(e).__name__}: {lines[0][:200]}" if lines else type(e).__name__
+        # torch's own files are zip archives; anything else (zeros, a partial write) is damage, which
+        # the weights-only unpickler would otherwise report as a refused pickle.
+        if isinstance(e, pickle.UnpicklingError) and _head(source) == b"PK\x03\x04":
+            raise UserError(f"refusing to load {what}: it holds objects other than tensors ({why})") from None
+        raise UserError(f"cannot read {what}: it is not a readable torch checkpoint file; damaged or truncated? "
+                        f"({why})") from None
+
+
+def _head(source: Any) -> bytes:
+    if isinstance(source, bytes):
+        return source[:4]
+    try:
+        with open(source, "rb") as f:
+            return f.read(4)
+    except (OSError, TypeError):
+        return b""
 
 
 def install_safe_loading(engine) -> None:

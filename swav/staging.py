@@ -1,8 +1,9 @@
 """The node-local staging folder of a run's checkpoints: where it is, and that nothing is left in it.
 
 Checkpoints are written here before upload, and a resume downloads here before DeepSpeed loads. A run
-that ends normally leaves nothing behind; one that was SIGKILLed (a preemption past its grace period)
-can leave a whole checkpoint's files, which the next run of the same job removes before it starts.
+that ends, normally or on an error, leaves nothing behind; one that was SIGKILLed (a preemption past its
+grace period) can leave a whole checkpoint's files, which the next run of the same job removes before it
+starts.
 """
 
 from __future__ import annotations
@@ -50,3 +51,13 @@ def remove_if_empty(*paths: str) -> None:
             os.rmdir(path)
         except OSError:   # not empty (another rank's files), or already removed by one
             pass
+
+
+def tidy(root: str) -> None:
+    """Remove the empty folders a run leaves under `root` (a save whose upload failed, a resume that
+    failed), then `root` itself if that empties it.
+
+    Only empty folders go: files another rank of the node still needs stay where they are.
+    """
+    for folder, _, _ in os.walk(root, topdown=False):
+        remove_if_empty(folder)

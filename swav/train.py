@@ -214,15 +214,19 @@ def pretrain(cfg: Config, dry_run: bool = False) -> RunResult:
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.barrier()   # swept before any rank of the node stages or downloads into it
 
-    start_step, loader_state, plan, last_url = _resume(cfg, engine, queue, store, stage_root, rank, world)
-    loader = build_loader(cfg, rank, world, pin_memory=on_gpu, plan=plan)
+    try:
+        start_step, loader_state, plan, last_url = _resume(cfg, engine, queue, store, stage_root, rank, world)
+        loader = build_loader(cfg, rank, world, pin_memory=on_gpu, plan=plan)
+    except BaseException:
+        staging.tidy(stage_root)
+        raise
     if loader_state is not None:
         loader.load_state_dict(loader_state)
     metrics = MetricsWriter(cfg.run_dir, enabled=rank == 0)
     result = RunResult(step=start_step, stopped_early=False, checkpoint=last_url)
     if start_step >= cfg.train.steps:
         log.info("nothing to do: the checkpoint is at step %d of %d", start_step, cfg.train.steps)
-        staging.remove_if_empty(stage_root)
+        staging.tidy(stage_root)
         return result
 
     autocast = (torch.autocast(device_type=device.type, dtype=torch.bfloat16) if cfg.precision == "bf16"
@@ -336,7 +340,7 @@ def pretrain(cfg: Config, dry_run: bool = False) -> RunResult:
             bar.close()
             metrics.close()
             uploads.close()
-            staging.remove_if_empty(stage_root)
+            staging.tidy(stage_root)
             del it
     if rank == 0 and not result.stopped_early:
         log.info("done: %d steps, last checkpoint %s (saved at step %d)", result.step, result.checkpoint, last_saved)
@@ -428,39 +432,44 @@ def _load_engine(cfg: Config, engine, src: ckpt.CheckpointStore, ref, stage_root
     shared_names, own_names = ckpt.files_to_load(ref.manifest["files"], rank, same_world, cfg.deepspeed.zero_stage)
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     node = os.path.join(stage_root, "resume-" + ref.tag)
-    if local_rank == 0:
-        ckpt.clear_dir(os.path.join(node, "shared"))
-        src.download(ref, os.path.join(node, "shared"), shared_names)
     mine = os.path.join(node, ckpt.rank_dir(rank))
-    ckpt.clear_dir(mine)
-    src.download(ref, mine, own_names)
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.barrier()   # the node's shared files are complete
-    # DeepSpeed expects every file it reads side by side in one tag folder: link them there.
-    tagdir = os.path.join(mine, "merged", "ds")
-    os.makedirs(tagdir, exist_ok=True)
-    for where, names in ((os.path.join(node, "shared"), shared_names), (mine, own_names)):
-        for name in names:
-            parts = name.split("/")
-            if len(parts) >= 3 and parts[1] == "ds":
-                os.symlink(os.path.join(where, *parts), os.path.join(tagdir, *parts[2:]))
     try:
-        path, _ = engine.load_checkpoint(os.path.join(mine, "merged"), tag="ds",
-                                         load_optimizer_states=load_optimizer, load_lr_scheduler_states=False,
-                                         load_module_only=not load_optimizer)
-    except UserError:
-        raise
-    except Exception as e:  # noqa: BLE001
-        raise UserError(f"cannot load checkpoint {ref.url}: {type(e).__name__}: {str(e).splitlines()[0][:300]}") \
-            from None
-    if not same_world and cfg.deepspeed.zero_stage in (1, 2) and "zero_partition_sizes" in ref.manifest:
-        _reshard_momentum(engine, src, ref, mine, rank)
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.barrier()   # nobody reads the shared files any more
-    shutil.rmtree(mine, ignore_errors=True)
-    if local_rank == 0:
-        shutil.rmtree(os.path.join(node, "shared"), ignore_errors=True)
-    staging.remove_if_empty(node)
+        if local_rank == 0:
+            ckpt.clear_dir(os.path.join(node, "shared"))
+            src.download(ref, os.path.join(node, "shared"), shared_names)
+        ckpt.clear_dir(mine)
+        src.download(ref, mine, own_names)
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.barrier()   # the node's shared files are complete
+        # DeepSpeed expects every file it reads side by side in one tag folder: link them there.
+        tagdir = os.path.join(mine, "merged", "ds")
+        os.makedirs(tagdir, exist_ok=True)
+        for where, names in ((os.path.join(node, "shared"), shared_names), (mine, own_names)):
+            for name in names:
+                parts = name.split("/")
+                if len(parts) >= 3 and parts[1] == "ds":
+                    os.symlink(os.path.join(where, *parts), os.path.join(tagdir, *parts[2:]))
+        try:
+            path, _ = engine.load_checkpoint(os.path.join(mine, "merged"), tag="ds",
+                                             load_optimizer_states=load_optimizer, load_lr_scheduler_states=False,
+                                             load_module_only=not load_optimizer)
+        except UserError as e:   # a file refused or damaged (checkpoint.safe_load): say which checkpoint
+            raise UserError(f"checkpoint {ref.url}: {e}") from None
+        except Exception as e:  # noqa: BLE001
+            first = str(e).splitlines()[0][:300] if str(e) else ""
+            raise UserError(f"cannot load checkpoint {ref.url}: {type(e).__name__}: {first}") from None
+        if not same_world and cfg.deepspeed.zero_stage in (1, 2) and "zero_partition_sizes" in ref.manifest:
+            _reshard_momentum(engine, src, ref, mine, rank)
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.barrier()   # nobody reads the shared files any more
+    finally:
+        # Loaded or not, nothing stays behind. The node's shared files go with local rank 0: after the
+        # barrier above when the load worked; when it failed, that rank's failure ends the node's run
+        # (torchrun stops the others).
+        shutil.rmtree(mine, ignore_errors=True)
+        if local_rank == 0:
+            shutil.rmtree(os.path.join(node, "shared"), ignore_errors=True)
+        staging.remove_if_empty(node)
     return path
 
 

@@ -51,6 +51,11 @@ def ours(folder: Path) -> list[str]:
     return sorted(str(p.relative_to(folder)) for p in folder.rglob("swav-*"))
 
 
+def left_in(stage: Path) -> list[str]:
+    """Everything a run left in its checkpoint.stage_dir."""
+    return sorted(str(p.relative_to(stage)) for p in stage.rglob("*"))
+
+
 @pytest.fixture(scope="module")
 def baselines(shard_set, tmp_path_factory) -> dict[int, dict[int, float]]:
     """Uninterrupted runs with 1 and 2 ranks."""
@@ -147,22 +152,31 @@ def test_resume_with_another_world_size_continues_with_a_notice(shard_set, tmp_p
     assert max(losses(run)) == STEPS
 
 
-def test_damaged_checkpoints_are_clear_errors(shard_set, tmp_path):
-    run = tmp_path / "run"
-    r = swav_cli(*args(shard_set, run, "train.stop_after=2"))
+def test_damaged_checkpoints_are_clear_errors_and_leave_nothing_staged(shard_set, tmp_path):
+    run, stage = tmp_path / "run", tmp_path / "stage"
+    staged = f"checkpoint.stage_dir={stage}"
+    r = swav_cli(*args(shard_set, run, "train.stop_after=2", staged))
     assert r.returncode == 0, r.stderr[-3000:]
     ckpts = run / "checkpoints"
     model_file = ckpts / "step-000000002" / "rank00000" / "ds" / "mp_rank_00_model_states.pt"
     saved = model_file.read_bytes()
     model_file.unlink()
-    r = swav_cli(*args(shard_set, run))
+    r = swav_cli(*args(shard_set, run, staged))
     assert r.returncode == 2 and "damaged" in r.stderr and "mp_rank_00_model_states.pt is missing" in r.stderr
+    # Present and of the right size, but not a checkpoint: found when DeepSpeed loads the downloaded copy.
+    model_file.write_bytes(b"\0" * len(saved))
+    r = swav_cli(*args(shard_set, run, staged))
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-3000:]
+    assert f"checkpoint {ckpts / 'step-000000002'}: cannot read mp_rank_00_model_states.pt: it is not a readable " \
+           "torch checkpoint file; damaged or truncated?" in r.stderr, r.stderr[-3000:]
+    assert left_in(stage) == []
     model_file.write_bytes(saved)
     (ckpts / "latest").write_text("{not json")
-    r = swav_cli(*args(shard_set, run))
+    r = swav_cli(*args(shard_set, run, staged))
     assert r.returncode == 2 and "is corrupted" in r.stderr and "Traceback" not in r.stderr
-    r = swav_cli(*args(shard_set, run, f"resume_from={ckpts / 'step-000000002'}"))
+    r = swav_cli(*args(shard_set, run, f"resume_from={ckpts / 'step-000000002'}", staged))
     assert r.returncode == 0, r.stderr[-3000:]
+    assert left_in(stage) == []
 
 
 def test_a_pickle_in_the_bucket_is_refused(shard_set, tmp_path):
@@ -189,9 +203,11 @@ def test_a_pickle_in_the_bucket_is_refused(shard_set, tmp_path):
 
 def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(shard_set, tmp_path):
     run = tmp_path / "run"
+    stage = tmp_path / "stage"
     r = swav_cli(*args(shard_set, run, "optim.name=sgd", "optim.base_lr=1e38", "optim.warmup_steps=0",
-                       "checkpoint.every=1", "swav.freeze_prototypes_steps=0"))
+                       "checkpoint.every=1", "swav.freeze_prototypes_steps=0", f"checkpoint.stage_dir={stage}"))
     assert r.returncode == 2, r.stderr[-3000:]
+    assert left_in(stage) == []
     assert "loss is nan at step" in r.stderr.lower()
     step = int(r.stderr.lower().split("loss is nan at step")[1].split(";")[0])
     latest = json.loads((run / "checkpoints" / "latest").read_text())
@@ -384,10 +400,12 @@ def test_uploads_overlap_training_and_a_failed_periodic_save_does_not_end_the_ru
 
     refusing = _CountingProxy(opts["client_kwargs"]["endpoint_url"], fail_puts=True)
     store = json.dumps({"client_kwargs": {"endpoint_url": refusing.url}})
+    stage = tmp_path / "stage"
     r = swav_cli(*args(shard_set, tmp_path / "run2", f"checkpoint.url=s3://{name}/other",
                        f"checkpoint.storage_options={store}", "checkpoint.every=2", "checkpoint.max_failures=3",
-                       "data.num_workers=0"))
+                       "data.num_workers=0", f"checkpoint.stage_dir={stage}"))
     assert r.returncode == 2, r.stderr[-3000:]
+    assert left_in(stage) == []   # the files of three saves that were never published
     assert r.stderr.count("was not published") >= 3 and "training goes on (1 of 2" in r.stderr, r.stderr[-3000:]
     assert "3 failed save(s) in a row, stopping" in r.stderr.splitlines()[-1], r.stderr[-2000:]
     # Saves at 2 and 4 failed and training went on; 6 was the third. A failure is known at the first
