@@ -92,22 +92,23 @@ def share_index(idx: ShardIndex, folder: str) -> str:
                       "sha256": idx.sha256.combine_chunks() if hasattr(idx.sha256, "combine_chunks") else idx.sha256})
     table = table.replace_schema_metadata({"url": idx.url, "record": json.dumps(idx.record)})
     os.makedirs(folder, exist_ok=True)
-    for attempt in range(5):
+    while True:
         path = os.path.join(folder, f"{SHARED_PREFIX}{os.getpid()}-{uuid.uuid4().hex[:8]}.arrow")
-        # Locked from creation, and the lock follows the file through the rename. Another process's
-        # sweep can still take the file in the instant between its creation and the lock: then the
-        # inode written is not the one locked, and it starts again under a new name.
         fd = os.open(path + ".tmp", os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
         fcntl.flock(fd, fcntl.LOCK_SH)
-        with pa.OSFile(path + ".tmp", "wb") as f, pa.ipc.new_file(f, table.schema) as writer:
-            writer.write_table(table)
-        if os.stat(path + ".tmp").st_ino == os.fstat(fd).st_ino or attempt == 4:
-            os.replace(path + ".tmp", path)
-            _held[path] = fd
-            return path
+        # Another process's sweep can take the file in the instant before the lock; once locked and
+        # still under its name, it is ours (the lock follows the file through the rename).
+        try:
+            if os.stat(path + ".tmp").st_ino == os.fstat(fd).st_ino:
+                break
+        except FileNotFoundError:
+            pass
         os.close(fd)
-        os.remove(path + ".tmp")
-    raise AssertionError("unreachable")
+    with open(fd, "wb", closefd=False) as f, pa.ipc.new_file(f, table.schema) as writer:
+        writer.write_table(table)
+    os.replace(path + ".tmp", path)
+    _held[path] = fd
+    return path
 
 
 def release_shared(path: str) -> None:

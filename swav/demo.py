@@ -124,14 +124,16 @@ def run_demo(out: str = "demo-output", steps: int = 0, endpoint_url: str = "", f
         digits_folder(train_dir, split="train", size=64)
         digits_folder(val_dir, split="val", size=64)
     ckpt_url = str(run / "checkpoints")
-    pre = evaluate("knn", str(train_dir), str(val_dir), checkpoint=ckpt_url, image_size=64, seed=0)
+    # Features are taken at the size the trunk was trained to see (its large views).
+    size = job.crops.size_crops[0]
+    pre = evaluate("knn", str(train_dir), str(val_dir), checkpoint=ckpt_url, image_size=size, seed=0)
     # The baseline is the very trunk the run started from (same architecture, same seed), so the
     # difference is what pretraining did. Random inits of this thin trunk score several points apart
     # on the digits, so a few other seeds are reported beside it for scale.
-    rnd = evaluate("knn", str(train_dir), str(val_dir), checkpoint=ckpt_url, random_init=True, image_size=64,
+    rnd = evaluate("knn", str(train_dir), str(val_dir), checkpoint=ckpt_url, random_init=True, image_size=size,
                    seed=job.seed)
     other_seeds = [s for s in RANDOM_SEEDS if s != job.seed][:5]
-    others = [evaluate("knn", str(train_dir), str(val_dir), checkpoint=ckpt_url, random_init=True, image_size=64,
+    others = [evaluate("knn", str(train_dir), str(val_dir), checkpoint=ckpt_url, random_init=True, image_size=size,
                        seed=s)["knn20_top1"] for s in other_seeds]
     rnd["other_seeds_knn20_top1"] = dict(zip(other_seeds, others))
     evals = {"pretrained": pre, "random_init": rnd}

@@ -169,7 +169,7 @@ def evaluate(kind: str, train: str, val: str, checkpoint: str = "", arch: str = 
     val_y = torch.tensor([lookup[c] for c in val_c], dtype=torch.int64)
     out = {"kind": kind, "model": what, "train": train, "val": val, "train_images": len(train_c),
            "val_images": len(val_c), "classes": len(classes), "feature_dim": int(train_f.shape[1]),
-           "device": device, "label": label}
+           "device": device, "label": label, "image_size": image_size}
     if kind == "knn":
         for k in (20, 200):
             t1, t5 = knn_accuracy(train_f, train_y, val_f, val_y, k, num_classes=len(classes))

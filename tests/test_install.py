@@ -47,10 +47,13 @@ def test_a_wheel_install_finds_its_jobs_from_any_directory(tmp_path):
     assert (site / "swav_jobs" / "deepspeed" / "resnet50w5.json").is_file()
 
     # The whole product from the installed package, away from the checkout: bucket, shards, a stopped and
-    # resumed 2-rank run, eval and report, all under the user's own directory.
-    demo = run(swav, "demo", "--steps", "50", cwd=elsewhere, env=clean_env)
+    # resumed 2-rank run, eval and report, all under the user's own directory. Overrides reach the job, and
+    # the trunk is evaluated at the size of the views it was trained on.
+    demo = run(swav, "demo", "--steps", "50", "crops.size_crops=[48]", cwd=elsewhere, env=clean_env)
     assert demo.returncode == 0, demo.stdout[-2000:] + demo.stderr[-2000:]
     out = elsewhere / "demo-output"
     assert "resumes from the checkpoint" in demo.stdout and (out / "report" / "README.md").is_file(), demo.stdout
     assert json.loads((out / "run" / "checkpoints" / "latest").read_text())["tag"] == "step-000000050"
     assert "digits kNN top-1" in demo.stdout, demo.stdout
+    evals = json.loads((out / "eval.json").read_text())
+    assert evals["pretrained"]["image_size"] == evals["random_init"]["image_size"] == 48, evals
