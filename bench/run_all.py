@@ -12,6 +12,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 import augment_rate  # noqa: E402
 from _inputs import write_results  # noqa: E402
 import build_rate  # noqa: E402
+import cpu_layout  # noqa: E402
 import decode_scales  # noqa: E402
 import eval_rate  # noqa: E402
 import index_memory  # noqa: E402
@@ -25,6 +26,7 @@ def main() -> None:
     results["augment_and_stream"] = augment_rate.main()
     results["decode_scales"] = decode_scales.main()
     results["step_time"] = step_time.main()
+    results["cpu_layout"] = cpu_layout.main()
     results["index_memory"] = index_memory.main()
     results["eval_features"] = eval_rate.main()
     out = os.path.join(os.path.dirname(__file__), "results", f"cpu-{results['date']}.json")

@@ -54,7 +54,7 @@ class ModelConfig:
     num_prototypes: Union[int, list[int]] = 3000
     sync_bn: bool = True                # SyncBatchNorm on GPU (plain BatchNorm on CPU, with a warning)
     sync_bn_group_size: int = 0         # ranks per SyncBN group (0 = all ranks)
-    channels_last: bool = True          # GPU only
+    channels_last: bool = True          # NHWC inputs (and ZeRO-0 weights on GPU)
 
 
 @dataclass

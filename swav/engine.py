@@ -63,8 +63,6 @@ def build_model(cfg: Config, on_gpu: bool, world_size: int) -> nn.Module:
     elif m.sync_bn and not on_gpu and world_size > 1:
         log.warning("model.sync_bn=true does not apply on CPU (SyncBatchNorm needs CUDA): "
                     "using per-rank BatchNorm")
-    if m.channels_last and not on_gpu:
-        log.info("model.channels_last applies on GPU only; ignored on CPU")
     model.normalize_prototypes()
     return model
 
