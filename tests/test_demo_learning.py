@@ -19,17 +19,18 @@ import pytest
 from conftest import torchrun
 
 SEED = 6
-STOP = 400
+STOP = 600
 LN_K = math.log(30)
-# Measured at steps 351-400 of seeds 1-5 on this machine kind (mean loss; fewest prototypes in use; kNN k=20
-# gain at step 400 over the same-seed init): loss 1.31-1.94 against ln K = 3.40 (a drop of 1.46 or more);
-# 10-19 prototypes of 30; gain +2.8 to +9.5 points (seed 1's step-400 checkpoint was not kept). Bounds: a
-# drop under a third of the smallest measured, half the fewest prototypes in use, and a gain of about a
-# third of the smallest measured. The failure they catch is not subtle: a run that
-# never leaves ln K (the old recipe on seed 4) scores 3.40, and its trunk drops 25-28 points below its init.
+# Measured at steps 551-600 of seeds 1-5 on this machine kind (2026-12-06, NHWC inputs; mean loss; fewest
+# prototypes in use; kNN k=20 gain at step 600 over the same-seed init): loss 1.25-1.71 against ln K = 3.40 (a
+# drop of 1.69 or more); 10-16 prototypes of 30; gain +2.1 to +10.9 points. At step 400 the gain was -0.7 to
+# +8.5 (seeds 3 and 5, whose inits are the strongest, had not yet passed them), and at step 500 +1.4 to +9.6,
+# so the test runs to 600. Bounds: a drop under a third of the smallest measured, half the fewest prototypes
+# in use, and a third of the smallest gain. The failure they catch is not subtle: a run that never leaves
+# ln K (the old recipe on seed 4) scores 3.40, and its trunk drops 25-28 points below its init.
 MIN_LOSS_DROP = 0.4
 MIN_PROTOTYPES = 5
-MIN_KNN_GAIN = 1.0
+MIN_KNN_GAIN = 0.7
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +52,7 @@ def test_demo_recipe_learns_on_a_held_out_seed(demo_data, tmp_path):
 
     run = tmp_path / "run"
     r = torchrun(2, "pretrain", "jobs/demo.yaml", f"data.url={demo_data / 'shards'}", f"run_dir={run}",
-                 f"seed={SEED}", f"train.stop_after={STOP}", "checkpoint.every=1000", timeout=900)
+                 f"seed={SEED}", f"train.stop_after={STOP}", "checkpoint.every=1000", timeout=1500)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert rows[-1]["step"] == STOP
