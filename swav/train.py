@@ -197,8 +197,8 @@ def pretrain(cfg: Config, dry_run: bool = False) -> RunResult:
                  nhwc, convs, "" if nhwc == convs else " (ZeRO keeps weights in its flat buffers; cuDNN still "
                  "picks NHWC kernels from the inputs)")
     elif cfg.model.channels_last:
-        # NHWC inputs alone select oneDNN's NHWC kernels (1.4x on a ResNet step here, bench/step_time.py);
-        # the weights stay NCHW so that every ZeRO stage runs the same kernels and they stay comparable.
+        # NHWC inputs alone select oneDNN's NHWC kernels (1.35x per step, bench/cpu_layout.py, at coarser
+        # rounding); the weights stay NCHW so that every ZeRO stage runs the same kernels and stays comparable.
         log.info("channels_last on CPU: inputs NHWC, conv weights left NCHW")
 
     bs = cfg.train.batch_size

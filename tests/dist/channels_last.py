@@ -1,7 +1,7 @@
 """channels_last through deepspeed.initialize at one ZeRO stage (launched by torchrun from the tests):
 the engine builds, the weights end as apply_channels_last reports, two steps on NHWC inputs update NHWC
-weights as they update the default-layout ones, and NHWC inputs (what the trainer feeds on CPU) train
-NCHW weights as NCHW inputs do."""
+weights as they update the default-layout ones, and NHWC inputs (what the trainer feeds on CPU) compute
+the same first embeddings as NCHW inputs, to rounding."""
 
 import json
 import sys
