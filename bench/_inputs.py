@@ -8,6 +8,20 @@ import tempfile
 from pathlib import Path
 
 
+def demo_step_inputs(make=None) -> tuple:
+    """The demo job's config for one-process step benchmarks (ZeRO-0, no queue) and one batch of its crops,
+    drawn with `make` (torch.randn unless given) after seeding torch with 0."""
+    import torch
+
+    from swav.config import load_config
+
+    torch.manual_seed(0)
+    cfg = load_config(os.path.join(os.path.dirname(__file__), "..", "jobs", "demo.yaml"),
+                      ["swav.queue_length=0", "deepspeed.zero_stage=0"])
+    b, make = cfg.train.batch_size, make or torch.randn
+    return cfg, [make(n * b, 3, s, s) for s, n in zip(cfg.crops.size_crops, cfg.crops.num_crops)]
+
+
 def mixed_bucket(root: Path, photos: int = 480) -> Path:
     """Photos from scikit-image/scikit-learn resized to 400-2000 px, plus every odd case."""
     from pipeline.samplebucket import odd_cases, photo_bucket

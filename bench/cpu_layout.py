@@ -14,6 +14,8 @@ import time
 
 import torch
 
+from _inputs import demo_step_inputs
+
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 
@@ -40,17 +42,13 @@ def _errors_vs_float64(model: torch.nn.Module, crops: list[torch.Tensor]) -> dic
 
 def main(steps_per_block: int = 3, blocks: int = 4) -> dict:
     from swav import distributed
-    from swav.config import load_config
     from swav.engine import build_engine, build_model, set_step_hyperparams
     from swav.loss import swav_loss
 
     torch.set_num_threads(1)
     distributed.init()
-    torch.manual_seed(0)
-    cfg = load_config(os.path.join(os.path.dirname(__file__), "..", "jobs", "demo.yaml"),
-                      ["swav.queue_length=0", "deepspeed.zero_stage=0"])
+    cfg, nchw = demo_step_inputs(torch.rand)
     b = cfg.train.batch_size
-    nchw = [torch.rand(n * b, 3, s, s) for s, n in zip(cfg.crops.size_crops, cfg.crops.num_crops)]
     layouts = {"nchw": nchw, "nhwc": [c.contiguous(memory_format=torch.channels_last) for c in nchw]}
     model = build_model(cfg, False, 1)
     errors = _errors_vs_float64(model, nchw)

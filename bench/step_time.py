@@ -12,22 +12,20 @@ import time
 
 import torch
 
+from _inputs import demo_step_inputs
+
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 
 def main(steps_per_block: int = 5, blocks: int = 4) -> dict:
     from swav import distributed
-    from swav.config import load_config
     from swav.engine import build_engine, build_model, set_step_hyperparams
     from swav.loss import swav_loss
     from swav.optim import build_optimizer
 
     distributed.init()
-    torch.manual_seed(0)
-    cfg = load_config(os.path.join(os.path.dirname(__file__), "..", "jobs", "demo.yaml"),
-                      ["swav.queue_length=0", "deepspeed.zero_stage=0"])
+    cfg, crops = demo_step_inputs()
     b = cfg.train.batch_size
-    crops = [torch.randn(n * b, 3, s, s) for s, n in zip(cfg.crops.size_crops, cfg.crops.num_crops)]
     plain_model = build_model(cfg, False, 1)
     ds_model = copy.deepcopy(plain_model)
     plain_opt = build_optimizer(plain_model, cfg)
