@@ -6,9 +6,10 @@ import json
 import os
 import tempfile
 from pathlib import Path
+from typing import Callable
 
 
-def demo_step_inputs(make=None) -> tuple:
+def demo_step_inputs(make: Callable | None = None) -> tuple:
     """The demo job's config for one-process step benchmarks (ZeRO-0, no queue) and one batch of its crops,
     drawn with `make` (torch.randn unless given) after seeding torch with 0."""
     import torch
