@@ -281,3 +281,25 @@ def test_tensor_path_for_accelerators_equals_the_opencv_cpu_path(jpeg, size):
     _agree(A.photometric(batch.images[0], params, method="opencv"), A.photometric(batch.images[0], params, method="tensor"))
     with pytest.raises(ValueError, match="method"):
         A.photometric(batch.images[0], params, method="pil")
+
+
+@pytest.mark.parametrize("order", [(0, 1, 2, 3), (2, 1, 3, 0), (3, 2, 0, 1)])
+def test_composed_jitter_then_grayscale_matches_torchvision_in_sequence(jpeg, order):
+    """All of jitter's ops in one sampled order, then grayscale: the composed map equals torchvision
+    applying them one after another (hue 0, factors that keep pixels off the clamp)."""
+    img = TF.resize(TF.pil_to_tensor(Image.open(io.BytesIO(jpeg)).convert("RGB")), [64, 64])
+    x = img.float() / 255
+    factors = {0: 1.15, 1: 0.7, 2: 0.5, 3: 0.0}
+    p = _params(jitter=1, b=factors[0], c=factors[1], s=factors[2], h=factors[3])
+    p[0, 5:9] = torch.tensor([float(k) for k in order])
+    ops = {0: TF.adjust_brightness, 1: TF.adjust_contrast, 2: TF.adjust_saturation, 3: TF.adjust_hue}
+    theirs = x
+    for k in order:
+        theirs = ops[k](theirs, factors[k])
+    ours = A.photometric(img.unsqueeze(0), p, normalize=False)[0]
+    assert (ours - theirs).abs().mean() < 0.01
+    p[0, 9] = 1
+    gray = A.photometric(img.unsqueeze(0), p, normalize=False)[0]
+    assert (gray - TF.rgb_to_grayscale(theirs, 3)).abs().mean() < 0.01
+    # the tensor path (augment_on: device) composes the same map
+    assert (A.photometric(img.unsqueeze(0), p, normalize=False, method="tensor")[0] - gray).abs().max() < 1.5 / 255
