@@ -164,7 +164,7 @@ before = hwm_mb()
 t0 = time.perf_counter()
 idx = load_index(sys.argv[1])
 s = ShardStream(idx, 0, 5, 64)
-s.order.perm(0)
+s.passes.perm(0, s.layout)
 secs = time.perf_counter() - t0
 print(json.dumps({"seconds": secs, "max_rss_mb": hwm_mb(), "rss_before_mb": before}))
 """

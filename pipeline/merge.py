@@ -19,7 +19,7 @@ from pipeline.build import read_manifest, tool_version, _table_bytes
 from pipeline.order import order_key
 from shards import layout
 from shards.errors import UserError
-from shards.manifest import ACCEPTED, INDEX_SCHEMA, REJECTED, from_parquet_bytes, to_parquet_bytes
+from shards.manifest import ACCEPTED, BUILT_INDEX_SCHEMA, REJECTED, from_parquet_bytes, to_parquet_bytes
 from shards.storage import get_fs, join, read_bytes, read_json, redact, redact_text, write_bytes, write_json
 from shards.tario import iter_samples, write_tar
 
@@ -190,9 +190,10 @@ def merge(dst: str, num_parts: int, options: dict | None = None, source: str | N
         reasons["duplicate"] = reasons.get("duplicate", 0) + dropped
         entries = [rewritten.get(e["name"], e) for e in entries]
         entries = [e for e in entries if e["samples"]]
-    entries = [{k: e[k] for k in ("name", "samples", "bytes", "sha256")} for e in entries]
+    entries = [{**{k: e[k] for k in ("name", "samples", "bytes", "sha256")}, "generation": e.get("generation", 0)}
+               for e in entries]
     entries.sort(key=lambda e: e["name"])
-    write_bytes(fs, join(root, layout.INDEX), to_parquet_bytes(entries, INDEX_SCHEMA))
+    write_bytes(fs, join(root, layout.INDEX), to_parquet_bytes(entries, BUILT_INDEX_SCHEMA))
     record = {
         "tool": "swav-stream", "version": tool_version(), "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "source": redact_text(source or fingerprint["source"]), "config": redact(

@@ -30,6 +30,13 @@ class ShardIndex:
     nbytes: np.ndarray     # int64
     sha256: object         # arrow array (loaded lazily by verify)
     record: dict
+    # Which build generation wrote each shard (0: the first build; g: the g-th `--incremental`
+    # addition). A run's pass in progress keeps to the generations it started with.
+    generations: np.ndarray | None = None
+
+    def __post_init__(self) -> None:
+        if self.generations is None:
+            self.generations = np.zeros(len(self.samples), dtype=np.int32)
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -69,7 +76,13 @@ def load_index(url: str, options: dict | None = None, require_record: bool = Tru
         raise explain(e, url) from None
     return ShardIndex(url=url.rstrip("/"), names=table.column("name").combine_chunks(),
                       samples=table.column("samples").to_numpy(), nbytes=table.column("bytes").to_numpy(),
-                      sha256=table.column("sha256"), record=record)
+                      sha256=table.column("sha256"), record=record, generations=_generations(table))
+
+
+def _generations(table: pa.Table) -> np.ndarray:
+    if "generation" not in table.column_names:
+        return np.zeros(table.num_rows, dtype=np.int32)
+    return table.column("generation").fill_null(0).to_numpy().astype(np.int32)
 
 
 SHARED_PREFIX = "swav-index-"
@@ -89,6 +102,7 @@ def share_index(idx: ShardIndex, folder: str) -> str:
     if stale:
         log.info("removed %d shard-index copies that killed processes left in %s", len(stale), folder)
     table = pa.table({"name": idx.names, "samples": pa.array(idx.samples), "bytes": pa.array(idx.nbytes),
+                      "generation": pa.array(idx.generations, type=pa.int32()),
                       "sha256": idx.sha256.combine_chunks() if hasattr(idx.sha256, "combine_chunks") else idx.sha256})
     table = table.replace_schema_metadata({"url": idx.url, "record": json.dumps(idx.record)})
     os.makedirs(folder, exist_ok=True)
@@ -157,4 +171,5 @@ def open_shared_index(path: str) -> ShardIndex:
     return ShardIndex(url=meta[b"url"].decode(), names=table.column("name").chunk(0),
                       samples=table.column("samples").chunk(0).to_numpy(zero_copy_only=True),
                       nbytes=table.column("bytes").chunk(0).to_numpy(zero_copy_only=True),
-                      sha256=table.column("sha256").chunk(0), record=json.loads(meta[b"record"]))
+                      sha256=table.column("sha256").chunk(0), record=json.loads(meta[b"record"]),
+                      generations=table.column("generation").chunk(0).to_numpy(zero_copy_only=True))

@@ -46,6 +46,9 @@ INDEX_SCHEMA = pa.schema([
     ("bytes", pa.int64()),
     ("sha256", pa.string()),
 ])
+# What a build writes: the index plus the generation that wrote each shard (sets another tool wrote
+# have none; they are all generation 0).
+BUILT_INDEX_SCHEMA = INDEX_SCHEMA.append(pa.field("generation", pa.int32()))
 
 LISTING_SCHEMA = pa.schema([
     ("list_pos", pa.int64()),

@@ -22,10 +22,14 @@ class DataConfig:
     url: str = ""                       # shard set URL (any fsspec URL)
     storage_options: dict = field(default_factory=dict)  # fsspec options; secrets are never saved
     num_workers: int = 2                # DataLoader worker processes per rank
-    # The sample-level shuffle window, in shards open at once per consumer (rank x worker): each sample
-    # is drawn from one of them at random, so a batch of B spans ~min(B, W) shards. Independent of the
-    # set's size: 16 open shards cost 16 file handles and reader buffers, at 1e3 or 1e9 images.
+    # The sample-level shuffle window, in pieces (whole shards, or ranges of one when the set has fewer
+    # shards than readers x window) open at once per consumer (rank x worker): each sample is drawn from
+    # one of them at random, so a batch of B spans ~min(B, W) of them. Independent of the set's size:
+    # 16 open pieces cost 16 file handles and reader buffers, at 1e3 or 1e9 images.
     shuffle_window: int = 16
+    # On resume, start a fresh pass over the set as it is now instead of finishing the saved one: for a
+    # set whose shards were removed or rebuilt since the checkpoint (added shards need nothing).
+    restart_pass: bool = False
     cache_dir: str = ""                 # local copy of remote shards ("" = stream without caching)
     cache_max_bytes: int = 10 * 1024**3
     prefetch_factor: int = 2

@@ -5,8 +5,8 @@ from __future__ import annotations
 import yaml
 
 # Settings that do not change what is trained or in which order: where things go, how fast, how often
-# we look. Everything else (schedule, recipe, data order, model) is named when it differs on resume.
-_INERT = ("run_dir", "resume_from", "checkpoint.", "data.url", "data.storage_options", "data.num_workers",
+# we look. Everything else (schedule, recipe, the data and its order, model) is named when it differs on resume.
+_INERT = ("run_dir", "resume_from", "checkpoint.", "data.storage_options", "data.num_workers",
           "data.prefetch_factor", "data.cache_dir", "data.cache_max_bytes", "train.log_every", "train.sync_every",
           "train.stop_after", "deepspeed.")
 

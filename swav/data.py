@@ -22,7 +22,7 @@ from torchdata.stateful_dataloader import StatefulDataLoader
 
 from shards.errors import UserError
 from shards.index import load_index, open_shared_index, release_shared, share_index
-from shards.stream import ShardStream
+from shards.stream import ShardStream, check_resume
 from swav.augment import CropBatch
 from swav.multicrop import CropBatcher, MultiCrop
 
@@ -46,10 +46,13 @@ class _Batches:
         return self
 
     def __next__(self) -> CropBatch | dict:
+        self.stream.begin_batch()
         if self.describe:
             samples = [next(self.stream) for _ in range(self.batch_size)]
             return {"urls": [source_url(s, self.stream.index) for s in samples],
-                    "shards": [int(s["__shard__"]) for s in samples]}
+                    "shards": [int(s["__shard__"]) for s in samples],
+                    "ids": [[int(s["__shard__"]), int(s["__ordinal__"])] for s in samples],
+                    "passes": [int(s["__pass__"]) for s in samples]}
         batch = CropBatcher(self.mc, self.batch_size)
         while not batch.full:
             s = next(self.stream)
@@ -98,6 +101,10 @@ class MultiCropStream(IterableDataset):
         self._shared = share_index(load_index(url, storage_options), tempfile.gettempdir())
         atexit.register(release_shared, self._shared)
         self._index = None
+
+    def check_resume(self, states: list[dict] | None, plan: dict | None) -> None:
+        """Saved stream positions that no longer fit the set fail here, by name, not in a worker."""
+        check_resume(open_shared_index(self._shared), states, plan)
 
     def __iter__(self) -> Iterator[CropBatch]:
         info = get_worker_info()

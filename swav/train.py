@@ -29,7 +29,7 @@ from tqdm import tqdm
 
 from shards.errors import UserError
 from shards.logs import setup_logging
-from shards.stream import resume_plan
+from shards.stream import restart_plan, resume_plan
 from swav import checkpoint as ckpt
 from swav import distributed, reshard, staging
 from swav.config import Config, to_yaml
@@ -221,6 +221,8 @@ def pretrain(cfg: Config, dry_run: bool = False) -> RunResult:
     try:
         start_step, loader_state, plan, last_url = _resume(cfg, engine, queue, store, stage_root, rank, world)
         loader = build_loader(cfg, rank, world, pin_memory=on_gpu, plan=plan)
+        if loader_state is not None or plan is not None:
+            loader.dataset.check_resume(stream_states(loader_state) if loader_state is not None else None, plan)
     except BaseException:
         staging.tidy(stage_root)
         raise
@@ -516,22 +518,40 @@ def _resume(cfg: Config, engine, queue: EmbeddingQueue, store: ckpt.CheckpointSt
     if mine is not None:
         _set_rng_state(mine["rng"])
         queue.load_resized(mine["queue"], ref.world_size, world)
-        if old_workers == cfg.data.num_workers:
+        if old_workers == cfg.data.num_workers and not cfg.data.restart_pass:
             return ref.step, mine["loader"], None, ref.url
     # The consumer layout changed: the plan needs every stream's state. Rank 0 reads them all and
-    # shares the plan (and, for a new world size, the queue to resize), so the reads stay O(world).
+    # shares the plan, so the reads stay O(world). Its outcome, error included, reaches every rank
+    # before anyone waits on another.
     shared: list = [None, None]
     if rank == 0:
-        states = [mine if (r == 0 and mine is not None) else src.read_state(ref, r) for r in range(ref.world_size)]
-        shared = [resume_plan([s for st in states for s in stream_states(st["loader"])]),
-                  None if same_world else states[0]["queue"]]
-        del states
+        try:
+            states = [mine if (r == 0 and mine is not None) else src.read_state(ref, r)
+                      for r in range(ref.world_size)]
+            streams = [s for st in states for s in stream_states(st["loader"])]
+            del states
+            shared[0] = restart_plan(streams) if cfg.data.restart_pass else resume_plan(streams)
+        except UserError as e:
+            shared[1] = str(e)
     if world > 1:
         dist.broadcast_object_list(shared, src=0)
-    plan, queue0 = shared
+    plan, failed = shared
+    if failed:
+        raise UserError(failed)
     if mine is None:
-        queue.load_resized(queue0, ref.world_size, world)
-    log.warning("consumer layout changed (%d rank(s) x %d worker(s) -> %d x %d): the stream continues the same "
-                "global order from slot %d; samples that were in flight may be seen again",
-                ref.world_size, old_workers, world, cfg.data.num_workers, plan["base"])
+        # A queue holds the embeddings of its own rank's past batches: each rank takes its own, or
+        # starts empty where the old world had no such rank; never another rank's.
+        own = src.read_state(ref, rank) if rank < ref.world_size else None
+        if own is not None:
+            queue.load_resized(own["queue"], ref.world_size, world)
+        elif queue.length:
+            log.warning("rank %d had no queue in the checkpoint (world %d): its queue restarts empty", rank,
+                        ref.world_size)
+    if cfg.data.restart_pass:
+        log.warning("data.restart_pass: the stream starts a fresh pass (%d) over the set as it is now; the rest "
+                    "of the saved pass is not read", plan["first_pass"])
+    else:
+        log.warning("consumer layout changed (%d rank(s) x %d worker(s) -> %d x %d): the stream continues pass %d "
+                    "where the old consumers left it; samples that were in flight may be seen again",
+                    ref.world_size, old_workers, world, cfg.data.num_workers, plan["first_pass"])
     return ref.step, None, plan, ref.url

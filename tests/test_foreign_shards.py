@@ -76,17 +76,15 @@ def foreign(tmp_path_factory) -> tuple[Path, set[str]]:
 
 
 def one_pass(idx, consumers: int, window: int) -> list[str]:
-    """Every consumer's samples of pass 0 (read until each has delivered all of its pass-0 shards)."""
+    """Every consumer's samples of pass 0 (read until each has moved on to pass 1)."""
     got = []
     for c in range(consumers):
         s = ShardStream(idx, 5, c, consumers, window)
-        owned = int(sum(idx.samples[s.order.shard_at(slot)[0]] for slot in range(c, len(idx), consumers)))
-        n = 0
-        while n < owned:
+        while True:
             x = next(s)
-            if x["__pass__"] == 0:
-                got.append(x["__key__"])
-                n += 1
+            if x["__pass__"] > 0:
+                break
+            got.append(x["__key__"])
     return got
 
 
@@ -159,13 +157,17 @@ def test_a_bomb_in_a_foreign_shard_is_counted_and_skipped(tmp_path):
     write_foreign_tar(src / "a.tar", members)
     r = swav_cli("shards", "index", str(src), str(tmp_path / "idx"), "--no-progress")
     assert r.returncode == 0, r.stderr
-    cfg = load_config(None, [f"data.url={tmp_path / 'idx'}", "data.num_workers=0", "train.batch_size=5",
+    cfg = load_config(None, [f"data.url={tmp_path / 'idx'}", "data.num_workers=0", "train.batch_size=3",
                              "data.shuffle_window=1", "crops.size_crops=[32]", "crops.num_crops=[2]", "crops.min_scale_crops=[0.5]",
                              "crops.max_scale_crops=[1.0]"])
     loader = build_loader(cfg, 0, 1)
-    batch = next(iter(loader))
+    it = iter(loader)
+    # Six good samples take the whole first pass (five, and the bomb) and one of the next; a piece of
+    # the next pass starts at sample 0 or 3, never at the bomb (sample 2).
+    batches = [next(it), next(it)]
     state = loader.state_dict()
-    assert "bomb" not in batch.keys and len(batch.keys) == 5
+    keys = [k for b in batches for k in b.keys]
+    assert not any("bomb" in k for k in keys) and len(keys) == 6
     assert [s["bad_samples"] for s in _dataset_states(state)] == [1]
 
 

@@ -75,11 +75,12 @@ def test_order_depends_on_seed_not_on_consumers(small_set):
     idx = load_index(str(small_set))
     a, b = ShardStream(idx, 1, 0, 1), ShardStream(idx, 2, 0, 1)
     assert keys(a, 35) != keys(b, 35)
-    # Shard order is global: consumer c of C reads slots c, c+C, ...; the same shard sequence overall.
-    one = [ShardStream(idx, 1, 0, 1).order.shard_at(g)[0] for g in range(14)]
-    two = [ShardStream(idx, 1, g % 2, 2).order.shard_at(g)[0] for g in range(14)]
-    assert one == two
-    assert sorted(one[:7]) == list(range(7)), "within a pass every shard is read once"
+    # A pass's order is global: consumer c of C owns every C-th position; the same piece sequence overall.
+    one, two = ShardStream(idx, 1, 0, 1), ShardStream(idx, 1, 0, 2)
+    assert one.layout == two.layout
+    seq = [one.passes.piece_at(0, one.layout, g)[0] for g in range(7)]
+    assert seq == [two.passes.piece_at(0, two.layout, g)[0] for g in range(7)]
+    assert sorted(seq) == list(range(7)), "within a pass every shard is read once"
 
 
 def test_state_is_small_and_restores_the_exact_sequence(small_set):
@@ -272,7 +273,7 @@ def test_opening_a_million_shard_index_is_cheap(tmp_path):
     t0 = time.perf_counter()
     idx = load_index(str(root))
     s = ShardStream(idx, 0, 3, 8)
-    s.order.perm(0)
+    s.passes.perm(0, s.layout)
     assert time.perf_counter() - t0 < 3.0
     assert len(idx) == n
 
