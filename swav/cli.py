@@ -79,15 +79,19 @@ def _peek(args: argparse.Namespace) -> int:
     overrides = [*args.overrides, f"data.url={args.set}", f"data.num_workers={args.workers}"]
     cfg = load_config(args.config or None, overrides)
     _apply_storage_flags(cfg, _opts(args))
-    if args.ranks < 1 or args.batches < 1 or args.workers < 0:
-        raise UserError("--ranks and --batches must be >= 1, --workers >= 0")
+    if args.ranks < 1 or args.batches < 0 or args.workers < 0:
+        raise UserError("--ranks must be >= 1, --batches and --workers >= 0")
+    if args.batches == 0:
+        from swav.peek import one_pass_batches
+
+        args.batches = one_pass_batches(cfg, args.ranks)
     if args.out:
         with open(args.out, "w", encoding="utf-8") as f:
             rows = peek_batches(cfg, args.ranks, args.batches, f)
     else:
         rows = peek_batches(cfg, args.ranks, args.batches)
     print(f"{args.set}: {args.ranks} rank(s) x {max(1, args.workers)} worker(s), seed {cfg.seed}, "
-          f"shuffle window {cfg.data.shuffle_window} shards")
+          f"shuffle window {cfg.data.shuffle_window} pieces")
     print(format_summary(summarise(rows)))
     if args.out:
         print(f"wrote {args.out} (one JSON line per batch: rank, batch, urls)")
@@ -127,7 +131,9 @@ def build_parser() -> argparse.ArgumentParser:
     pk.add_argument("--config", default="", help="job YAML whose data/seed/batch settings to use (default: defaults)")
     pk.add_argument("--ranks", type=int, default=1, help="ranks to simulate (default 1)")
     pk.add_argument("--workers", type=int, default=0, help="DataLoader workers per rank (default 0)")
-    pk.add_argument("--batches", type=int, default=8, help="batches per rank (default 8)")
+    pk.add_argument("--batches", type=int, default=0,
+                    help="batches per rank (default 0: one pass over the set, i.e. its samples / global batch, "
+                         "at most 1000)")
     pk.add_argument("--out", default="", help="write the batches as JSON lines here")
     add_storage_flags(pk)
     pk.set_defaults(func=_peek)

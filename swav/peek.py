@@ -22,6 +22,14 @@ def folder(url: str) -> str:
     return path.rsplit("/", 1)[0] if "/" in path else path
 
 
+def one_pass_batches(cfg: Any, ranks: int, cap: int = 1000) -> int:
+    """Batches per rank that together hold as many samples as the set (at least 1, at most `cap`)."""
+    from shards.index import load_index
+
+    total = int(load_index(cfg.data.url, cfg.data.storage_options).samples.sum())
+    return max(1, min(cap, total // (ranks * cfg.train.batch_size)))
+
+
 def peek_batches(cfg: Any, ranks: int, batches: int, out: TextIO | None = None) -> list[dict]:
     """The first `batches` batches of every rank, in delivery order: {rank, batch, urls, shards}."""
     rows = []
@@ -30,7 +38,7 @@ def peek_batches(cfg: Any, ranks: int, batches: int, out: TextIO | None = None) 
         it = iter(loader)
         for b in range(batches):
             got = next(it)
-            row = {"rank": rank, "batch": b, "urls": got["urls"], "shards": got["shards"]}
+            row = {"rank": rank, "batch": b, "urls": got["urls"], "shards": got["shards"], "ids": got["ids"]}
             rows.append(row)
             if out is not None:
                 out.write(json.dumps({"rank": rank, "batch": b, "urls": got["urls"]}) + "\n")
@@ -50,7 +58,12 @@ def summarise(rows: list[dict]) -> dict:
     counts = Counter(folder(u) for r in rows for u in r["urls"])
     batch = len(rows[0]["urls"]) if rows else 0
     urls = [u for r in rows for u in r["urls"]]
-    return {"batches": len(rows), "batch_size": batch, "folders_seen": len(counts),
+    # A sample is (shard, ordinal): two source files with equal URLs are still two samples.
+    ids = [tuple(i) for r in rows for i in r.get("ids", [])] or urls
+    repeats = [len(r["ids"]) - len({tuple(i) for i in r["ids"]}) for r in rows] if rows and "ids" in rows[0] else [0]
+    return {"coverage": len(set(ids)) / max(1, len(ids)), "distinct": len(set(ids)), "delivered": len(ids),
+            "repeats_per_batch_mean": sum(repeats) / max(1, len(repeats)), "repeats_per_batch_max": max(repeats),
+"batches": len(rows), "batch_size": batch, "folders_seen": len(counts),
             "folders_per_batch_mean": sum(per_batch) / max(1, len(per_batch)),
             "folders_per_batch_min": min(per_batch, default=0),
             "folders_per_batch_iid": iid_expected(counts, batch) if counts else 0.0,
@@ -60,10 +73,14 @@ def summarise(rows: list[dict]) -> dict:
 
 def format_summary(s: dict) -> str:
     lines = [f"{s['batches']} batches of {s['batch_size']}",
+             f"coverage: {s['distinct']} distinct of {s['delivered']} delivered samples ({100 * s['coverage']:.1f}%)",
+             f"repeated samples inside a batch: mean {s['repeats_per_batch_mean']:.2f}, max {s['repeats_per_batch_max']}",
              f"source folders per batch: mean {s['folders_per_batch_mean']:.2f}, min {s['folders_per_batch_min']} "
              f"(an i.i.d. batch would hold {s['folders_per_batch_iid']:.2f} of the {s['folders_seen']} seen)",
              f"shards per batch: mean {s['shards_per_batch_mean']:.1f}",
              f"samples seen twice across these batches: {s['repeated_samples']}"]
+    if s["repeats_per_batch_max"]:
+        lines.append("warning: a batch holds the same sample twice; the set is smaller than a batch per reader")
     if s["folders_per_batch_iid"] and s["folders_per_batch_mean"] < 0.8 * s["folders_per_batch_iid"]:
         lines.append("warning: batches cover far fewer folders than i.i.d. batches would; SwAV's per-batch "
                      "equipartition will split folders. Rebuild the set (shuffled pack order) or raise "

@@ -27,9 +27,10 @@ from test_stream import synthetic_set
 # max 0.229, sd 0.020. The bound is 7 sd above the mean; listing order gives 0.80 or more for every shard.
 SHARD_TV_BOUND = 0.3
 # Classes per batch of 64 from 20 one-class shards of 40, 2 ranks x 10 batches, seeds 0-9: window 16
-# gave 7.9-9.95 (mean 9.0, sd 0.7), window 1 gave 2.2-2.4. Bounds 3.5 sd below / above the spread.
-WINDOW16_MIN_CLASSES = 6.5
-WINDOW1_MAX_CLASSES = 3.0
+# (pieces of 20 samples) gave 8.50-9.25 (mean 8.85, sd 0.24), window 1 gave 2.20-2.40 (sd 0.06). Bounds
+# 3.5 sd below / above the spread.
+WINDOW16_MIN_CLASSES = 8.0
+WINDOW1_MAX_CLASSES = 2.7
 
 
 @pytest.fixture(scope="module")
@@ -125,6 +126,30 @@ def test_peek_batches_hold_nearly_every_class(digits, digit_set, workers, ranks)
     assert s["folders_per_batch_iid"] > 9.9
 
 
+@pytest.fixture(scope="module")
+def twelve_shards(digits, tmp_path_factory):
+    dst = tmp_path_factory.mktemp("iid-12") / "set"
+    build(str(digits), str(dst), BuildConfig(samples_per_shard=150, workers=1), progress=False)
+    assert len(load_index(str(dst))) == 12
+    return dst
+
+
+@pytest.mark.parametrize("workers,ranks", [(0, 1), (2, 2)])
+def test_one_pass_of_batches_sees_every_sample_once_on_a_set_of_few_shards(digits, twelve_shards, workers, ranks):
+    """12 shards for 1 and 4 readers with 16-piece windows: before pieces, 1 reader saw 77% of the set."""
+    batches = 1797 // (ranks * 64)
+    for seed in (0, 1, 2):
+        cfg = load_config(None, [f"data.url={twelve_shards}", f"data.num_workers={workers}", "train.batch_size=64",
+                                 f"seed={seed}"])
+        rows = peek_batches(cfg, ranks, batches)
+        s = summarise(rows)
+        # Shards of 150 cut into pieces of 25: every reader's share of a pass is exactly 450 samples.
+        assert s["distinct"] == s["delivered"] == batches * ranks * 64, (seed, s)
+        assert s["repeats_per_batch_max"] == 0
+        per_batch = classes_per_batch(rows, digits)
+        assert sum(per_batch) / len(per_batch) >= 9.5, per_batch
+
+
 def test_peek_cli_writes_one_line_per_batch(digit_set, tmp_path):
     out = tmp_path / "peek.jsonl"
     r = swav_cli("shards", "peek", str(digit_set), "train.batch_size=64", "--ranks", "2", "--workers", "2",
@@ -134,6 +159,8 @@ def test_peek_cli_writes_one_line_per_batch(digit_set, tmp_path):
     assert [(x["rank"], x["batch"]) for x in lines] == [(r, b) for r in range(2) for b in range(3)]
     assert all(len(x["urls"]) == 64 and set(x) == {"rank", "batch", "urls"} for x in lines)
     assert "source folders per batch" in r.stdout and "i.i.d. batch would hold" in r.stdout
+    assert "coverage: 384 distinct of 384 delivered samples (100.0%)" in r.stdout, r.stdout
+    assert "repeated samples inside a batch: mean 0.00, max 0" in r.stdout
 
 
 def test_a_temp_dir_too_long_for_the_workers_sockets_is_a_clear_error_not_a_hang(digit_set):

@@ -125,3 +125,103 @@ def test_pieces_are_whole_shards_when_shards_outnumber_the_slots():
     # 1e9 images in shards of 1,000 on 1,024 x 8 readers: no shard is cut, so no tar is read twice a pass.
     stream = ShardStream(index_of(np.full(1_000_000, 1000)), 0, 0, 8192, 16)
     assert stream.layout.split == 1
+
+
+def named_index(names: list[str], counts: list[int], generations: list[int] | None = None) -> ShardIndex:
+    import pyarrow as pa
+
+    idx = index_of(counts, generations)
+    idx.names = pa.array(names)
+    return idx
+
+
+def reader_by_name(idx: ShardIndex):
+    """Sample ids that follow a shard's name, not its position in the index (which growth shifts)."""
+    def read(shard: int, first: int):
+        name = idx.name(shard)
+        for i in range(first, int(idx.samples[shard])):
+            yield {"__key__": f"{name}#{i}"}
+    return read
+
+
+def drain(streams, counts_each: list[int]) -> list[dict]:
+    out = []
+    for s, n in zip(streams, counts_each):
+        out += [next(s) for _ in range(n)]
+    return out
+
+
+def by_pass(samples: list[dict], p: int) -> list[str]:
+    return sorted(x["__key__"] for x in samples if x["__pass__"] == p)
+
+
+def everything(idx: ShardIndex, keep=None) -> list[str]:
+    return sorted(f"{idx.name(s)}#{i}" for s in range(len(idx)) for i in range(int(idx.samples[s]))
+                  if keep is None or keep(s))
+
+
+def test_two_resizes_in_a_row_repeat_nothing():
+    from shards.stream import resume_plan
+
+    idx = named_index([f"s{i:02d}" for i in range(9)], [40] * 9)
+    read = reader_by_name(idx)
+    a = [ShardStream(idx, 3, c, 2, 4, reader=read) for c in range(2)]
+    got = drain(a, [70, 45])
+    b = [ShardStream(idx, 3, c, 3, 4, reader=read, plan=resume_plan([s.state_dict() for s in a])) for c in range(3)]
+    got += drain(b, [30, 5, 61])
+    c_ = [ShardStream(idx, 3, c, 5, 4, reader=read, plan=resume_plan([s.state_dict() for s in b])) for c in range(5)]
+    got += drain(c_, [400] * 5)
+    for p in (0, 1):
+        assert by_pass(got, p) == everything(idx), f"pass {p}: every sample exactly once across two resizes"
+
+
+def test_a_grown_set_finishes_the_pass_in_progress_then_reads_the_new_shards():
+    from shards.stream import resume_plan
+
+    old = named_index([f"a{i}" for i in range(6)], [30] * 6)
+    # `--incremental` adds generation-1 shards whose names sort between the old ones.
+    new = named_index(["a0", "a1", "a1x", "a2", "a3", "a4", "a4x", "a5", "a5x"], [30, 30, 25, 30, 30, 30, 25, 30, 25],
+                      [0, 0, 1, 0, 0, 0, 1, 0, 1])
+    s = ShardStream(old, 1, 0, 1, 4, reader=reader_by_name(old))
+    got = [next(s) for _ in range(70)]
+    r = ShardStream(new, 1, 0, 1, 4, reader=reader_by_name(new))
+    r.load_state_dict(s.state_dict())
+    got += [next(r) for _ in range(500)]
+    assert by_pass(got, 0) == everything(old), "the pass in progress ends on the shards it started with"
+    assert by_pass(got, 1) == everything(new), "the new shards join at the next pass"
+    # The same growth across a resize.
+    a = [ShardStream(old, 1, c, 2, 4, reader=reader_by_name(old)) for c in range(2)]
+    got = drain(a, [50, 20])
+    b = [ShardStream(new, 1, c, 3, 4, reader=reader_by_name(new), plan=resume_plan([x.state_dict() for x in a]))
+         for c in range(3)]
+    got += drain(b, [300] * 3)
+    assert by_pass(got, 0) == everything(old) and by_pass(got, 1) == everything(new)
+
+
+def test_a_set_that_lost_shards_is_a_named_error_that_says_how_to_continue():
+    from shards.errors import UserError
+    from shards.stream import check_resume
+
+    old = named_index([f"a{i}" for i in range(6)], [30] * 6)
+    s = ShardStream(old, 1, 0, 1, 4, reader=reader_by_name(old))
+    [next(s) for _ in range(10)]
+    smaller = named_index([f"a{i}" for i in range(5)], [30] * 5)
+    with pytest.raises(UserError, match=r"no longer holds the 6 shard\(s\).*data.restart_pass=true"):
+        check_resume(smaller, [s.state_dict()])
+    with pytest.raises(UserError, match="data.restart_pass=true"):
+        ShardStream(smaller, 1, 0, 1, 4).load_state_dict(s.state_dict())
+    v1 = {"stream_v": 1, "consumer": 0, "num_consumers": 1}
+    with pytest.raises(UserError, match="earlier version.*data.restart_pass=true"):
+        check_resume(old, [v1])
+
+
+def test_restart_pass_starts_a_fresh_pass_after_the_furthest_one():
+    from shards.stream import restart_plan
+
+    old = named_index([f"a{i}" for i in range(6)], [30] * 6)
+    s = ShardStream(old, 1, 0, 1, 4, reader=reader_by_name(old))
+    [next(s) for _ in range(200)]   # into pass 1
+    smaller = named_index([f"a{i}" for i in range(5)], [30] * 5)
+    r = ShardStream(smaller, 1, 0, 2, 4, reader=reader_by_name(smaller), plan=restart_plan([s.state_dict()]))
+    first = next(r)
+    assert first["__pass__"] == 2
