@@ -53,6 +53,34 @@ def state_name(rank: int) -> str:
     return f"state-rank{rank:05d}.pt"
 
 
+class UnsafeName(UserError):
+    """A name in a checkpoint's manifest or marker that cannot be a path inside the staging folder."""
+
+
+def safe_parts(name: Any, what: str) -> list[str]:
+    """The components of a relative name from a manifest or marker, refused unless plainly inside.
+
+    On S3 a key may literally contain ``../``: a name is data until it passes here.
+    """
+    if not isinstance(name, str) or not name:
+        raise UnsafeName(f"{what}: a file name that is not a non-empty string ({name!r})")
+    if "\\" in name or "\0" in name or name.startswith("/") or any(ord(ch) < 32 for ch in name):
+        raise UnsafeName(f"{what}: refusing the file name {name!r} (absolute, a backslash or a control character)")
+    parts = name.split("/")
+    if any(p in ("", ".", "..") for p in parts):
+        raise UnsafeName(f"{what}: refusing the file name {name!r} (an empty, '.' or '..' component)")
+    return parts
+
+
+def local_path(root: str, name: str, what: str = "checkpoint") -> str:
+    """Where a checked name lives under `root`; its resolved path (links followed) stays under `root`."""
+    path = os.path.join(root, *safe_parts(name, what))
+    real_root = os.path.realpath(root)
+    if os.path.commonpath([real_root, os.path.realpath(path)]) != real_root:
+        raise UnsafeName(f"{what}: the file name {name!r} leads outside {root}")
+    return path
+
+
 @dataclass
 class CheckpointRef:
     """A published checkpoint: root URL, tag, and its manifest."""
@@ -147,7 +175,7 @@ class CheckpointStore:
             raise explain(e, join(self.url, MARKER)) from None
         try:
             tag = json.loads(raw.decode("utf-8"))["tag"]
-            if not isinstance(tag, str) or "/" in tag or not tag:
+            if not isinstance(tag, str) or len(safe_parts(tag, "latest")) != 1:
                 raise ValueError(tag)
         except (ValueError, KeyError, TypeError, UnicodeDecodeError):
             raise UserError(f"checkpoint marker {join(self.url, MARKER)} is corrupted (not a JSON object with "
@@ -168,6 +196,11 @@ class CheckpointStore:
                 raise UserError(f"checkpoint {url} is incomplete or missing (no {MANIFEST}); "
                                 "it was never published")
             manifest = json.loads(read_bytes(self.fs, mpath).decode("utf-8"))
+            for name, size in manifest["files"].items():
+                safe_parts(name, f"checkpoint manifest {join(url, MANIFEST)}")
+                if not isinstance(size, int):
+                    raise ValueError(name)
+            int(manifest["step"]), int(manifest["world_size"])
             wanted = set(select(manifest)) if select is not None else set(manifest["files"])
             for name, size in sorted(manifest["files"].items()):
                 if name not in wanted:
@@ -180,7 +213,7 @@ class CheckpointStore:
                     raise UserError(f"checkpoint {url} is damaged: {name} has {actual} bytes, manifest says {size}")
         except UserError:
             raise
-        except (ValueError, KeyError, TypeError):
+        except (ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError):
             raise UserError(f"checkpoint manifest {join(url, MANIFEST)} is corrupted") from None
         except Exception as e:  # noqa: BLE001
             raise explain(e, url) from None
@@ -188,8 +221,9 @@ class CheckpointStore:
 
     def download(self, ref: CheckpointRef, local_dir: str, names: list[str]) -> str:
         """Copy the named files of a checkpoint into local_dir (same relative layout)."""
+        os.makedirs(local_dir, exist_ok=True)
         for name in names:
-            dest = os.path.join(local_dir, *name.split("/"))
+            dest = local_path(local_dir, name, f"checkpoint {ref.url}")
             os.makedirs(os.path.dirname(dest), exist_ok=True)
             src = join(self.root, ref.tag, name)
             try:

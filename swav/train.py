@@ -425,7 +425,7 @@ def _reshard_momentum(engine, src: ckpt.CheckpointStore, ref, local: str, rank: 
                      and "optim_states" in n) for i in old}
     folder = os.path.join(local, "old-partitions")
     src.download(ref, folder, sorted(names.values()))
-    states = {i: ckpt.safe_load(os.path.join(folder, *n.split("/")))["optimizer_state_dict"]
+    states = {i: ckpt.safe_load(ckpt.local_path(folder, n))["optimizer_state_dict"]
               for i, n in names.items()}
     restored = reshard.restore_momentum(engine.optimizer, states, sizes, rank)
     log.info("momentum resharded from %d old partition(s) for %d param group(s)", len(old), restored)
@@ -452,9 +452,9 @@ def _load_engine(cfg: Config, engine, src: ckpt.CheckpointStore, ref, stage_root
         os.makedirs(tagdir, exist_ok=True)
         for where, names in ((os.path.join(node, "shared"), shared_names), (mine, own_names)):
             for name in names:
-                parts = name.split("/")
+                parts = ckpt.safe_parts(name, f"checkpoint {ref.url}")
                 if len(parts) >= 3 and parts[1] == "ds":
-                    os.symlink(os.path.join(where, *parts), os.path.join(tagdir, *parts[2:]))
+                    os.symlink(ckpt.local_path(where, name), ckpt.local_path(tagdir, "/".join(parts[2:])))
         try:
             path, _ = engine.load_checkpoint(os.path.join(mine, "merged"), tag="ds",
                                              load_optimizer_states=load_optimizer, load_lr_scheduler_states=False,

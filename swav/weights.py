@@ -36,7 +36,7 @@ def load_model_state(url: str, options: dict | None = None) -> tuple[dict[str, t
         module = {}
         if ref.manifest.get("zero_stage", 0) != 3 and rank0 in ref.manifest["files"]:
             store.download(ref, tmp, [rank0])
-            module = ckpt.safe_load(os.path.join(tmp, *rank0.split("/"))).get("module") or {}
+            module = ckpt.safe_load(ckpt.local_path(tmp, rank0)).get("module") or {}
         if not module:  # ZeRO-3: only partitions were saved
             module = _consolidate_zero3(store, ref, tmp)
     return {k: v.float() if v.is_floating_point() else v for k, v in module.items()}, cfg, ref
@@ -51,7 +51,7 @@ def _consolidate_zero3(store: ckpt.CheckpointStore, ref: ckpt.CheckpointRef, tmp
     merged = os.path.join(tmp, "merged", "ds")
     os.makedirs(merged, exist_ok=True)
     for n in names:
-        os.replace(os.path.join(tmp, *n.split("/")), os.path.join(merged, n.split("/ds/", 1)[1]))
+        os.replace(ckpt.local_path(tmp, n), ckpt.local_path(merged, n.split("/ds/", 1)[1]))
     for n in os.listdir(merged):  # vet every file before DeepSpeed's own loader opens it
         ckpt.safe_load(os.path.join(merged, n))
     return get_fp32_state_dict_from_zero_checkpoint(os.path.join(tmp, "merged"), tag="ds")

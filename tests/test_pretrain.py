@@ -411,3 +411,35 @@ def test_uploads_overlap_training_and_a_failed_periodic_save_does_not_end_the_ru
     # Saves at 2 and 4 failed and training went on; 6 was the third. A failure is known at the first
     # agreement step after its upload ends (step 7, or the save at 8 that waits for it).
     assert 7 <= max(losses(tmp_path / "run2")) <= 8
+
+
+def test_a_hostile_manifest_or_marker_in_the_bucket_writes_nothing_outside_staging(shard_set, tmp_path, s3):
+    """Someone who can write the checkpoint bucket names a file `../../<anywhere>`: refused by name."""
+    import boto3
+
+    fs, opts, name = s3
+    run, stage = tmp_path / "run", tmp_path / "stage"
+    a = args(shard_set, run, f"checkpoint.url=s3://{name}/ckpt", f"checkpoint.storage_options={json.dumps(opts)}",
+             "deepspeed.zero_stage=1", f"checkpoint.stage_dir={stage}")
+    r = swav_cli(*a, "train.stop_after=2")
+    assert r.returncode == 0, r.stderr[-3000:]
+    victim = tmp_path / "victim" / "pwned.pth"
+    evil = "rank00000/ds/optim_states/" + "../" * 40 + str(victim).lstrip("/")
+    client = boto3.client("s3", endpoint_url=opts["client_kwargs"]["endpoint_url"], region_name="us-east-1",
+                          aws_access_key_id="x", aws_secret_access_key="x")
+    prefix = "ckpt/step-000000002/"
+    client.put_object(Bucket=name, Key=prefix + evil, Body=b"import os")
+    assert any(k["Key"] == prefix + evil for k in client.list_objects_v2(Bucket=name, Prefix=prefix)["Contents"]), \
+        "the store keeps '../' in a key literally"
+    manifest = json.loads(client.get_object(Bucket=name, Key=prefix + "manifest.json")["Body"].read())
+    manifest["files"][evil] = len(b"import os")
+    client.put_object(Bucket=name, Key=prefix + "manifest.json", Body=json.dumps(manifest).encode())
+    r = swav_cli(*a)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-3000:]
+    assert "refusing the file name" in r.stderr and "'..' component" in r.stderr, r.stderr[-2000:]
+    assert not victim.exists() and not victim.parent.exists()
+    # A `latest` marker that names a folder elsewhere is refused the same way.
+    client.put_object(Bucket=name, Key="ckpt/latest", Body=json.dumps({"tag": "../../elsewhere", "step": 2}).encode())
+    r = swav_cli(*a)
+    assert r.returncode == 2 and "Traceback" not in r.stderr and "refusing the file name" in r.stderr, r.stderr[-2000:]
+    assert left_in(stage) == []

@@ -218,3 +218,20 @@ def test_schedule_warmup_then_cosine():
     assert len(lr) == 100 and lr[0] == pytest.approx(0.3)
     assert lr[10] == pytest.approx(4.8) and lr[-1] > 0.0048 and lr[-1] < 0.01
     assert all(a >= b for a, b in zip(lr[10:], lr[11:]))
+
+
+def test_checkpoint_names_are_data_never_paths(tmp_path):
+    from shards.errors import UserError
+    from swav.checkpoint import local_path, safe_parts
+
+    root = tmp_path / "stage"
+    root.mkdir()
+    assert local_path(str(root), "rank00000/ds/mp_rank_00_model_states.pt") == \
+        str(root / "rank00000" / "ds" / "mp_rank_00_model_states.pt")
+    for bad in ("../x", "a/../../x", "/etc/passwd", "a\\..\\x", "a//b", "./a", "a/.", "", "a\0b", None, 3):
+        with pytest.raises(UserError, match="refusing the file name|not a non-empty string"):
+            safe_parts(bad, "manifest")
+    # A link inside the staging folder that points out of it is not a way out either.
+    (root / "out").symlink_to(tmp_path)
+    with pytest.raises(UserError, match="leads outside"):
+        local_path(str(root), "out/x")
