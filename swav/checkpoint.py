@@ -144,10 +144,15 @@ class CheckpointStore:
         write_json(self.fs, join(self.root, MARKER), {"tag": tag, "step": step})
 
     def prune(self, keep: int) -> list[str]:
-        """Delete all but the newest `keep` published-or-not checkpoints, never the one `latest` names."""
+        """Keep the newest `keep` published checkpoints (and the one `latest` names); delete older ones,
+        and the folders of failed saves older than `latest`, which can never be published."""
         latest = self.latest_tag()
+        if keep <= 0 or latest is None:
+            return []
         tags = self.tags()
-        doomed = [t for t in tags[:-keep] if t != latest] if keep > 0 else []
+        published = [t for t in tags if self.fs.exists(join(self.root, t, MANIFEST))]
+        kept = set(published[-keep:]) | {latest}
+        doomed = [t for t in tags if t not in kept and (t in published or t < latest)]
         for t in doomed:
             try:
                 with_retries(lambda t=t: self.fs.rm(join(self.root, t), recursive=True), f"delete {t}")

@@ -99,10 +99,17 @@ class CheckpointUploads:
         # Every rank's upload has ended, and each removed its own files when it did.
         staging.remove_if_empty(p.staged)
         errors = [f"rank {r}: {x['error']}" for r, x in enumerate(every) if "error" in x]
+        if not errors:
+            # Rank 0 alone writes the manifest and `latest`; whatever happens there reaches every rank
+            # before anyone waits on another, so a failure is a failed save everywhere, never a hang.
+            outcome = self._rank0_publish(p, every) if self.rank == 0 else None
+            outcome = distributed.all_gather_object(outcome)[0]
+            if outcome:
+                errors = [f"rank 0, publishing: {outcome}"]
         if errors:
             self.failures += 1
-            msg = (f"checkpoint {self.store.url}/{p.tag} was not published: its upload failed ({errors[0]}"
-                   f"{f'; and {len(errors) - 1} more rank(s)' if len(errors) > 1 else ''})")
+            msg = (f"checkpoint {self.store.url}/{p.tag} was not published: {errors[0]}"
+                   f"{f'; and {len(errors) - 1} more rank(s)' if len(errors) > 1 else ''}")
             if final or self.failures >= self.max_failures:
                 raise UserError(f"{msg}; {self.failures} failed save(s) in a row, stopping; the last published "
                                 f"checkpoint is {self.last_published or 'none'}")
@@ -110,18 +117,30 @@ class CheckpointUploads:
                         msg, self.failures, self.max_failures - 1)
             return
         self.failures = 0
-        if self.rank == 0:
+        distributed.barrier()
+        self.last_published = self.store.url + "/" + p.tag
+
+    def _rank0_publish(self, p: _Pending, every: list[dict]) -> str:
+        """Config, metrics, manifest, `latest`, then prune; '' when published, else why not."""
+        try:
             merged: dict[str, int] = {}
             for x in every:
                 merged.update(x["files"])
             for name, data in p.rank0_files.items():
                 merged.update(self.store.upload_bytes(p.tag, name, data))
             self.store.publish(p.tag, p.step, self.world, merged, self.extra)
+        except Exception as e:  # noqa: BLE001 - any failure here is a failed save, shared with every rank
+            return f"{type(e).__name__}: {e}"
+        try:
             pruned = self.store.prune(self.keep)
-            log.info("checkpoint %s published (%.1fs after its step)%s", self.store.url + "/" + p.tag,
-                     time.perf_counter() - p.t0, f"; deleted {', '.join(pruned)}" if pruned else "")
-        distributed.barrier()
-        self.last_published = self.store.url + "/" + p.tag
+        except Exception as e:  # noqa: BLE001 - a bucket that refuses deletes keeps old checkpoints, no more
+            log.warning("checkpoint %s published, but older checkpoints could not be deleted (%s: %s); they stay "
+                        "until a later save manages to, or you remove them", self.store.url + "/" + p.tag,
+                        type(e).__name__, e)
+            pruned = []
+        log.info("checkpoint %s published (%.1fs after its step)%s", self.store.url + "/" + p.tag,
+                 time.perf_counter() - p.t0, f"; deleted {', '.join(pruned)}" if pruned else "")
+        return ""
 
     def close(self) -> None:
         self.pool.shutdown(wait=True)

@@ -273,7 +273,8 @@ def test_resume_names_each_setting_that_changes_the_training(shard_set, tmp_path
 class _CountingProxy:
     """An HTTP proxy on 127.0.0.1 in front of the S3 server that counts object GETs by key."""
 
-    def __init__(self, upstream: str, put_delay: float = 0.0, fail_puts: bool = False):
+    def __init__(self, upstream: str, put_delay: float = 0.0, fail_puts: bool = False, fail_deletes: bool = False,
+                 fail_put_suffix: str = ""):
         import collections
         import http.client
         import http.server
@@ -282,6 +283,7 @@ class _CountingProxy:
 
         up = urlparse(upstream)
         self.put_delay, self.fail_puts = put_delay, fail_puts
+        self.fail_deletes, self.fail_put_suffix = fail_deletes, fail_put_suffix
         self.gets: collections.Counter = collections.Counter()
         self.requests = 0
         proxy = self
@@ -294,7 +296,11 @@ class _CountingProxy:
 
             def _forward(self):
                 body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
-                if self.command in ("PUT", "POST") and proxy.fail_puts:
+                refused = (self.command in ("PUT", "POST") and proxy.fail_puts) \
+                    or (proxy.fail_deletes and (self.command == "DELETE" or "?delete" in self.path)) \
+                    or (self.command == "PUT" and proxy.fail_put_suffix
+                        and self.path.split("?")[0].endswith(proxy.fail_put_suffix))
+                if refused:
                     self.send_response(403)
                     self.send_header("Content-Length", "0")
                     self.end_headers()
@@ -443,3 +449,53 @@ def test_a_hostile_manifest_or_marker_in_the_bucket_writes_nothing_outside_stagi
     r = swav_cli(*a)
     assert r.returncode == 2 and "Traceback" not in r.stderr and "refusing the file name" in r.stderr, r.stderr[-2000:]
     assert left_in(stage) == []
+
+
+def test_a_bucket_that_refuses_deletes_keeps_checkpoints_and_the_run_goes_on(shard_set, tmp_path, s3):
+    """Object lock or put-only credentials: pruning fails, which is a warning; every save is published."""
+    fs, opts, name = s3
+    proxy = _CountingProxy(opts["client_kwargs"]["endpoint_url"], fail_deletes=True)
+    store = json.dumps({"client_kwargs": {"endpoint_url": proxy.url}})
+    run = tmp_path / "run"
+    a = args(shard_set, run, f"checkpoint.url=s3://{name}/ckpt", f"checkpoint.storage_options={store}",
+             "checkpoint.keep=2", "data.num_workers=0")
+    r = torchrun(2, *a)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "older checkpoints could not be deleted" in r.stderr, r.stderr[-3000:]
+    fs.invalidate_cache()
+    assert json.loads(fs.cat_file(f"{name}/ckpt/latest"))["tag"] == "step-000000008"
+    assert sorted(p.rsplit("/", 1)[-1] for p in fs.ls(f"{name}/ckpt") if "step-" in p) == \
+        [f"step-00000000{s}" for s in (2, 4, 6, 8)]
+    r = torchrun(2, *a, "train.steps=10")
+    assert r.returncode == 0 and "resuming from s3://" in r.stderr, r.stderr[-3000:]
+
+
+def test_a_publication_that_fails_on_rank_0_is_a_failed_save_on_every_rank_not_a_hang(shard_set, tmp_path, s3):
+    fs, opts, name = s3
+    proxy = _CountingProxy(opts["client_kwargs"]["endpoint_url"], fail_put_suffix="/manifest.json")
+    store = json.dumps({"client_kwargs": {"endpoint_url": proxy.url}})
+    t0 = time.monotonic()
+    r = torchrun(2, *args(shard_set, tmp_path / "run", f"checkpoint.url=s3://{name}/ckpt",
+                          f"checkpoint.storage_options={store}", "checkpoint.max_failures=2", "data.num_workers=0"))
+    assert time.monotonic() - t0 < 300
+    assert r.returncode != 0
+    # Both ranks stop on the same one-line error (torchrun then reports the failed workers).
+    stops = [line for line in r.stderr.splitlines() if line.startswith("error: ") and "rank 0, publishing: " in line
+             and "2 failed save(s) in a row, stopping" in line]
+    assert len(stops) == 2, r.stderr[-3000:]
+    fs.invalidate_cache()
+    assert not fs.exists(f"{name}/ckpt/latest")
+
+
+def test_prune_keeps_published_checkpoints_only_counting_published_ones(tmp_path):
+    from swav.checkpoint import CheckpointStore
+
+    store = CheckpointStore(str(tmp_path / "ckpt"))
+    for step, published in ((2, True), (4, True), (6, False), (8, True), (10, False)):
+        store.upload_bytes(f"step-{step:09d}", "state-rank00000.pt", b"x")
+        if published:
+            store.publish(f"step-{step:09d}", step, 1, {"state-rank00000.pt": 1})
+    # step 10 failed after step 8 was published: a save in the future of `latest`, kept for nothing
+    # else to delete but never counted; step 6 failed before `latest`: never publishable, deleted.
+    assert store.prune(2) == ["step-000000002", "step-000000006"]
+    assert store.tags() == ["step-000000004", "step-000000008", "step-000000010"]
