@@ -34,14 +34,14 @@ import pyarrow.parquet as pq
 from tqdm import tqdm
 
 import shards
-from pipeline.listing import SourceObject, walk
+from pipeline.listing import BAD_NAME, SourceObject, walk
 from pipeline.fromlist import from_list
 from pipeline.order import in_order, write_additions, write_snapshot
 from pipeline.normalise import NormaliseConfig, decode_job
 from shards import layout
 from shards.errors import UserError
 from shards.manifest import ACCEPTED, MANIFEST_SCHEMA, REJECTED, from_parquet_bytes, to_parquet_bytes
-from shards.storage import (explain, get_fs, join, read_bytes, read_json, redact, remove_stale_temporaries,
+from shards.storage import (explain, get_fs, join, read_bytes, read_json, redact, redact_text, remove_stale_temporaries,
                             with_retries,
                             write_bytes, write_json)
 from shards.tario import write_tar
@@ -252,6 +252,9 @@ class _Processor:
         self.broken_workers: list[dict] = []
 
     def _task(self, obj: SourceObject) -> tuple[SourceObject, dict]:
+        if obj.rel.startswith(BAD_NAME):
+            return obj, {"status": "rejected", "reason": "name_not_utf8",
+                         "detail": "the object's name is not UTF-8; rename it to include it"}
         try:
             data = _read_object(self.fs, obj)
         except Exception as e:  # noqa: BLE001 - classified: a rejection, or a stop
@@ -380,7 +383,9 @@ def build_part(src: str, dst: str, cfg: BuildConfig, src_options: dict | None = 
     record_path = join(droot, layout.part_record_name(cfg.part, cfg.num_parts))
     config_path = record_path.replace(".json", ".config.json")
     # Through JSON once, so it compares equal to the copy read back from storage (tuples become lists).
-    fingerprint = json.loads(json.dumps({"source": src, "config": cfg.fingerprint()}))
+    # Credentials in the source URL reach the store through get_fs, never a record, manifest or sidecar.
+    public = redact_text(src).rstrip("/")
+    fingerprint = json.loads(json.dumps({"source": public, "config": cfg.fingerprint()}))
     generation = 0
     try:
         _check_layout(dfs, droot, dst, cfg)
@@ -406,8 +411,8 @@ def build_part(src: str, dst: str, cfg: BuildConfig, src_options: dict | None = 
     remove_stale_temporaries(dfs, droot, layout.part_stem(cfg.part, cfg.num_parts))
     def listing() -> Iterator[SourceObject]:
         if cfg.from_list:
-            return from_list(cfg.from_list, src, fs, root, src_options)
-        return walk(fs, root, src.rstrip("/"))
+            return from_list(cfg.from_list, src, fs, root, src_options, url_prefix=public)
+        return walk(fs, root, public)
 
     snapshots = [_snapshot(listing, src, dfs, droot, cfg, fingerprint, g) for g in range(generation + 1)]
     number, seen = _recover(dfs, droot, cfg, result)
@@ -425,7 +430,7 @@ def build_part(src: str, dst: str, cfg: BuildConfig, src_options: dict | None = 
 
     def todo() -> Iterator[SourceObject]:
         try:
-            yield from in_order(dfs, droot, cfg.part, cfg.num_parts, current["runs"], root, src, skip=done_here,
+            yield from in_order(dfs, droot, cfg.part, cfg.num_parts, current["runs"], root, public, skip=done_here,
                                 generation=generation)
         except Exception as e:  # noqa: BLE001
             raise explain(e, dst) from None

@@ -9,7 +9,7 @@ import sys
 from pipeline.normalise import NormaliseConfig
 from shards.members import IMAGE_EXTENSIONS
 from shards.errors import UserError
-from shards.storage import merge_options, options_from_env, s3_options
+from shards.storage import merge_options, options_from_env, redact_text, s3_options
 
 
 def add_storage_flags(p: argparse.ArgumentParser) -> None:
@@ -123,7 +123,7 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
 
         if args.merge:
             rec = merge(args.dst, args.merge, opts)
-            print(f"published {args.dst}: {rec['shards']} shards, {rec['samples']} samples, "
+            print(f"published {redact_text(args.dst)}: {rec['shards']} shards, {rec['samples']} samples, "
                   f"{rec['counts']['inputs']} inputs ({rec['cross_part_duplicates']} cross-part duplicates dropped)")
             return 0
         part, num_parts = args.part
@@ -136,13 +136,14 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         fn = build if num_parts == 1 else build_part
         result = fn(args.src, args.dst, cfg, opts, opts, progress=not args.no_progress)
         if result.already_complete:
-            print(f"part {part}/{num_parts} of {args.dst} is already complete; nothing to do "
+            print(f"part {part}/{num_parts} of {redact_text(args.dst)} is already complete; nothing to do "
                   f"(--incremental adds objects that are new since its listing)")
         elif result.generation:
             print(f"addition {result.generation}: {result.added_inputs} new object(s) since the last listing")
         print("\n".join(summary_lines(result)))
         if num_parts > 1:
-            print(f"part {part}/{num_parts} done; after all parts: swav shards build {args.src} {args.dst} "
+            print(f"part {part}/{num_parts} done; after all parts: swav shards build {redact_text(args.src)} "
+                  f"{redact_text(args.dst)} "
                   f"--merge {num_parts}")
         return 0
     if args.shards_command == "index":
@@ -154,7 +155,7 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         rec = index_webdataset(args.source, args.dst, opts, threads=args.threads, image_extensions=exts,
                                scan=args.scan, skip_missing=args.skip_missing, progress=not args.no_progress)
         print("\n".join(index_summary(rec)))
-        print(f"published {args.dst}: swav pretrain <job> data.url={args.dst}")
+        print(f"published {redact_text(args.dst)}: swav pretrain <job> data.url={redact_text(args.dst)}")
         return 0
     if args.shards_command == "info":
         from pipeline.inspect import format_info, info

@@ -6,13 +6,16 @@ not grow with its length. Its objects are named by one of these columns:
 - `key` with `bucket`: object keys, as in an S3 Inventory report (parquet, or CSV with a header);
 - `key` or `path` alone: paths relative to SRC.
 A headerless file with one column is one URL (or path) per line; a headerless CSV with every field
-quoted is S3 Inventory's CSV layout (bucket, key, size, ...), whose keys are URL-encoded. A `size` column is used when present. Objects outside SRC are left out and counted in
+quoted is S3 Inventory's CSV layout (bucket, key, then the optional fields its manifest.json lists),
+whose keys are URL-encoded; only bucket and key are read from it. A `size` column is used when
+present. Objects outside SRC, before or after normalising (``a/../../x``), are left out and counted in
 the log; a list that names nothing under SRC is an error.
 """
 
 from __future__ import annotations
 
 import logging
+import posixpath
 from typing import Iterator
 from urllib.parse import unquote
 
@@ -30,10 +33,16 @@ _NAMES = ("url", "key", "path")
 
 
 def from_list(list_url: str, src: str, fs: fsspec.AbstractFileSystem, root: str,
-              options: dict | None = None) -> Iterator[SourceObject]:
-    """The objects FILE names under SRC, in FILE's order (list_pos = row number)."""
+              options: dict | None = None, url_prefix: str | None = None) -> Iterator[SourceObject]:
+    """The objects FILE names under SRC, in FILE's order (list_pos = row number).
+
+    A row is a name from someone else: one that leaves SRC once normalised (``..``, an absolute path)
+    is left out and counted, like a row under another prefix. URLs recorded start with `url_prefix`
+    (SRC without credentials).
+    """
     src = src.rstrip("/")
     root = root.rstrip("/")
+    public = (url_prefix or src).rstrip("/")
     pos, outside, markers, example = 0, 0, 0, None
     for batch in _batches(list_url, options):
         rels, sizes = _relative(batch, src, root, list_url)
@@ -46,14 +55,14 @@ def from_list(list_url: str, src: str, fs: fsspec.AbstractFileSystem, root: str,
             if not rel or rel.endswith("/"):
                 markers += 1  # a folder marker, not an object
                 continue
-            yield SourceObject(pos=pos - 1, rel=rel, path=f"{root}/{rel}", url=f"{src}/{rel}", size=int(size or 0))
+            yield SourceObject(pos=pos - 1, rel=rel, path=f"{root}/{rel}", url=f"{public}/{rel}", size=int(size or 0))
     if outside:
         log.warning("%s: %d listed object(s) are not under %s and were left out (first at row %d)",
-                    list_url, outside, src, example)
+                    list_url, outside, public, example)
     if markers:
         log.info("%s: %d folder marker(s) left out", list_url, markers)
     if pos - outside - markers == 0:
-        raise UserError(f"{list_url} lists no objects under {src}")
+        raise UserError(f"{list_url} lists no objects under {public}")
 
 
 def _batches(list_url: str, options: dict | None) -> Iterator[pa.RecordBatch]:
@@ -88,8 +97,10 @@ def _read(list_url: str, options: dict | None) -> Iterator[pa.RecordBatch]:
             read = pacsv.ReadOptions(block_size=1 << 22, use_threads=False,
                                      column_names=["url" if "://" in first or first.startswith("/") else "path"])
         elif first.startswith('"'):  # S3 Inventory CSV: every field quoted, no header
+            # Bucket and Key always come first; which optional fields follow, and in what order, only the
+            # inventory's manifest.json (fileSchema) says, so nothing after the key is read as a size.
             inventory = True
-            names = ["bucket", "key", "size"] + [f"c{i}" for i in range(3, len(fields))]
+            names = ["bucket", "key"] + [f"c{i}" for i in range(2, len(fields))]
             read = pacsv.ReadOptions(block_size=1 << 22, use_threads=False, column_names=names[:len(fields)])
         else:
             raise UserError(f"{list_url} has none of the columns url, key (with bucket) or path; its first line "
@@ -103,8 +114,22 @@ def _read(list_url: str, options: dict | None) -> Iterator[pa.RecordBatch]:
             yield batch
 
 
+def _inside(rel: str | None) -> str | None:
+    """A relative name that stays under SRC once normalised (a folder marker keeps its slash), else None."""
+    if rel is None or rel.endswith("/") or not rel:
+        return rel
+    if rel.startswith("/") or "\x00" in rel or posixpath.normpath(rel) != rel or ".." in rel.split("/"):
+        return None
+    return rel
+
+
 def _relative(batch: pa.RecordBatch, src: str, root: str, list_url: str) -> tuple[list, list]:
     """(path relative to SRC or None when outside it, size or None) for each row."""
+    rels, sizes = _relative_raw(batch, src, root, list_url)
+    return [_inside(r) for r in rels], sizes
+
+
+def _relative_raw(batch: pa.RecordBatch, src: str, root: str, list_url: str) -> tuple[list, list]:
     cols = {n.lower(): batch.column(i) for i, n in enumerate(batch.schema.names)}
     sizes = cols["size"].to_pylist() if "size" in cols else [None] * batch.num_rows
     if "url" in cols:

@@ -21,6 +21,26 @@ from fsspec.asyn import sync
 from shards.storage import with_retries
 
 
+# A name that is not UTF-8 (a local file system allows any bytes) cannot be a manifest string or a
+# hash input as it is. Its listing entry carries this mark, then the name with the bad bytes escaped
+# (\\xff); the build rejects it as `name_not_utf8`. No real name holds a NUL.
+BAD_NAME = "\x00"
+
+
+def listed_name(rel: str) -> str:
+    """The name as the listing records it: itself, or BAD_NAME + an escaped form when not UTF-8."""
+    try:
+        rel.encode("utf-8")
+        return rel
+    except UnicodeEncodeError:
+        return BAD_NAME + rel.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
+def printable(rel: str) -> str:
+    """A listed name without its mark, for URLs in manifests and messages."""
+    return rel[1:] if rel.startswith(BAD_NAME) else rel
+
+
 @dataclass(frozen=True)
 class SourceObject:
     pos: int        # position in the listing this build took
@@ -41,8 +61,8 @@ def walk(fs: fsspec.AbstractFileSystem, root: str, url_prefix: str) -> Iterator[
     else:
         entries = _by_directory(fs, root)
     for pos, (path, size) in enumerate(entries):
-        rel = path[len(root) + 1:]
-        yield SourceObject(pos=pos, rel=rel, path=path, url=f"{url_prefix}/{rel}", size=size)
+        rel = listed_name(path[len(root) + 1:])
+        yield SourceObject(pos=pos, rel=rel, path=path, url=f"{url_prefix}/{printable(rel)}", size=size)
 
 
 def _protocol(fs: fsspec.AbstractFileSystem) -> str:

@@ -21,7 +21,7 @@ from typing import Iterable, Iterator
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.listing import SourceObject
+from pipeline.listing import SourceObject, printable
 from shards import layout
 from shards.manifest import open_parquet
 from shards.storage import join, read_json, with_retries, write_bytes
@@ -140,4 +140,4 @@ def in_order(fs, root: str, part: int, num_parts: int, runs: int, src_root: str,
     for i, (_, rel, pos, size) in enumerate(_sorted(fs, paths)):
         if i < skip:
             continue
-        yield SourceObject(pos=pos, rel=rel, path=f"{src_root}/{rel}", url=f"{url_prefix}/{rel}", size=size)
+        yield SourceObject(pos=pos, rel=rel, path=f"{src_root}/{rel}", url=f"{url_prefix}/{printable(rel)}", size=size)

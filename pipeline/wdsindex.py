@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import tarfile
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -58,6 +59,7 @@ def index_webdataset(source: str, dst: str, options: dict | None = None, threads
     from tqdm import tqdm
 
     root, names, sizes = _resolve(source, options)
+    root = _absolute(root)
     if not names:
         raise UserError(f"{source} names no tar (looked for {', '.join(TAR_SUFFIXES)})")
     fs, root_path = get_fs(root, options)
@@ -95,6 +97,10 @@ def index_webdataset(source: str, dst: str, options: dict | None = None, threads
     for e in done:
         for reason, n in e.rejected.items():
             rejected[reason] = rejected.get(reason, 0) + n
+    if not kept:
+        left = ", ".join(f"{n} {reason}" for reason, n in sorted(rejected.items())) or "none"
+        raise UserError(f"none of the {len(done)} tar(s) named by {redact_text(source)} holds a sample the stream "
+                        f"can read (samples left out by reason: {left}); nothing was published at {redact_text(dst)}")
     table = pa.table({"name": [e.name for e in kept], "samples": [e.samples for e in kept],
                       "bytes": [e.nbytes for e in kept], "sha256": [e.sha256 for e in kept]}, schema=INDEX_SCHEMA)
     write_bytes(dfs, join(dst_path, layout.INDEX), table_to_parquet_bytes(table))
@@ -159,8 +165,12 @@ def _resolve(source: str, options: dict | None) -> tuple[str, list[str], dict[st
         raise explain(e, source) from None
     if is_file and source.lower().endswith(LIST_SUFFIXES):
         return _common_root(list(_listed(source, options))) + (_no_sizes(),)
+    if is_file and source.lower().endswith(TAR_SUFFIXES):   # one tar, as webdataset itself accepts
+        folder, _, name = source.rstrip("/").rpartition("/")
+        return (folder or "."), [name], _no_sizes()
     if is_file:
-        raise UserError(f"{source} is a file but not a list of tars ({', '.join(LIST_SUFFIXES)})")
+        raise UserError(f"{source} is a file but neither a tar ({', '.join(TAR_SUFFIXES)}) nor a list of tars "
+                        f"({', '.join(LIST_SUFFIXES)})")
     prefix = source.rstrip("/")
     names, sizes = [], {}
     try:
@@ -172,6 +182,14 @@ def _resolve(source: str, options: dict | None) -> tuple[str, list[str], dict[st
         raise explain(e, source) from None
     names.sort()
     return prefix, names, sizes
+
+
+def _absolute(root: str) -> str:
+    """A local root as an absolute path: the set must stream from any current directory."""
+    if "://" in root and not root.startswith("file://"):
+        return root
+    path = root[len("file://"):] if root.startswith("file://") else root
+    return os.path.abspath(path)
 
 
 def _no_sizes() -> dict[str, int]:

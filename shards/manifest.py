@@ -23,6 +23,7 @@ REASONS = (
     "duplicate",          # same normalised content as an earlier object
     "missing",            # listed, but gone from storage when read (a failed read is a fault, never a rejection)
     "decoder_crash",      # killed its decoder process twice, the second time in a process of its own
+    "name_not_utf8",      # its name is not UTF-8 (a local file system allows any bytes); the url escapes them
 )
 
 MANIFEST_SCHEMA = pa.schema([

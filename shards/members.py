@@ -40,8 +40,11 @@ def split_webdataset_member(name: str) -> tuple[str, str] | None:
 
     The key may hold folders; the extension runs from the first dot of the base name, so
     ``a/b.c/x.seg.png`` is key ``a/b.c/x`` with extension ``seg.png``. Names without a dot in the
-    base name, and ``__``-prefixed ones (webdataset's metadata), are not sample members.
+    base name, and ``__``-prefixed ones (webdataset's metadata), are not sample members. A leading
+    ``./`` (what ``tar -C dir -cf x.tar .`` writes) is not part of the key.
     """
+    while name.startswith("./"):
+        name = name[2:]
     check_safe(name)
     folder, _, base = name.rpartition("/")
     stem, dot, ext = base.partition(".")

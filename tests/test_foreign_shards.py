@@ -267,3 +267,57 @@ def _batches(cfg, n: int, state=None, with_state: bool = False):
     it = iter(ld)
     got = [next(it) for _ in range(n)]
     return (got, ld.state_dict()) if with_state else got
+
+
+def test_tars_written_by_the_tar_command_have_dot_slash_names_and_stream_whole(tmp_path):
+    """`tar -C dir -cf x.tar .` names members ./000.jpg: with img2dataset's stats or a scan, N samples each."""
+    src = tmp_path / "files"
+    src.mkdir()
+    for i in range(5):
+        (src / f"{i:03d}.jpg").write_bytes(encode(i))
+        (src / f"{i:03d}.json").write_text(json.dumps({"url": f"http://x/{i}"}))
+    tars = tmp_path / "tars"
+    tars.mkdir()
+    # --sort=name keeps a sample's members together, as WebDataset requires (directory order may not).
+    subprocess.run(["tar", "--sort=name", "-C", str(src), "-cf", str(tars / "00000.tar"), "."], check=True)
+    (tars / "00000_stats.json").write_text(json.dumps({"successes": 5}))
+    with tarfile.open(tars / "00000.tar") as t:
+        assert "./000.jpg" in t.getnames()
+    for scan in (False, True):
+        dst = tmp_path / f"idx-{scan}"
+        r = swav_cli("shards", "index", str(tars), str(dst), "--no-progress", *(["--scan"] if scan else []))
+        assert r.returncode == 0, r.stderr
+        idx = load_index(str(dst))
+        assert idx.samples.tolist() == [5]
+        s = ShardStream(idx, 0, 0, 1)
+        got = [next(s) for _ in range(5)]
+        assert sorted(x["__key__"] for x in got) == [f"{i:03d}" for i in range(5)] and s.stats.rejected == {}
+
+
+def test_an_index_with_nothing_to_stream_is_refused_not_published(tmp_path):
+    tars = tmp_path / "tars"
+    tars.mkdir()
+    write_foreign_tar(tars / "a.tar", [("../evil.jpg", encode(1)), ("/abs.jpg", encode(2)), ("readme.txt", b"hi")])
+    dst = tmp_path / "idx"
+    r = swav_cli("shards", "index", str(tars), str(dst), "--no-progress", "--scan")
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert "holds a sample the stream can read" in r.stderr and "2 unsafe_name" in r.stderr, r.stderr
+    assert not (dst / "build.json").exists()
+    r = swav_cli("shards", "peek", str(dst), "--batches", "1")
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+
+
+def test_one_tar_is_a_source_and_a_relative_source_streams_from_any_directory(tmp_path):
+    work = tmp_path / "work"
+    (work / "src").mkdir(parents=True)
+    write_foreign_tar(work / "src" / "one.tar", [(f"k{i}.jpg", encode(i)) for i in range(4)])
+    r = subprocess.run([os.fspath(REPO / ".venv" / "bin" / "swav"), "shards", "index", "src/one.tar", "idx",
+                        "--no-progress"], cwd=work, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    rec = json.loads((work / "idx" / "build.json").read_text())
+    assert rec["shard_root"] == str(work / "src") and rec["shards"] == 1
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    r = subprocess.run([os.fspath(REPO / ".venv" / "bin" / "swav"), "shards", "peek", str(work / "idx"),
+                        "train.batch_size=4"], cwd=elsewhere, capture_output=True, text=True)
+    assert r.returncode == 0 and "coverage: 4 distinct of 4 delivered" in r.stdout, r.stdout + r.stderr
