@@ -139,7 +139,13 @@ class SwAVModel(nn.Module):
             start = end
         return torch.cat(outs)
 
-    def forward(self, crops: list[torch.Tensor] | torch.Tensor):
+    def forward(self, crops: list[torch.Tensor] | torch.Tensor, queue: list[torch.Tensor] | None = None):
+        """(embeddings, scores), and with `queue` (past embeddings, one [L, D] tensor per assignment
+        crop) also their scores against each head's prototypes, without gradient: [head][crop] -> [L, K].
+
+        Queue scores are computed here, not by the caller, because under ZeRO-3 the prototypes are
+        whole only inside the forward; outside it a rank may hold an empty slice of them.
+        """
         if isinstance(crops, torch.Tensor):
             crops = [crops]
         emb = self.projection_head(self.features(crops))
@@ -147,7 +153,13 @@ class SwAVModel(nn.Module):
         # Scores stay fp32 whatever the autocast dtype: Sinkhorn and the softmax need the range.
         with torch.autocast(device_type=emb.device.type, enabled=False):
             if isinstance(self.prototypes, MultiPrototypes):
-                scores = [F.linear(emb, w.float()) for w in self.prototype_weights()]
+                weights = [w.float() for w in self.prototype_weights()]
+                scores = [F.linear(emb, w) for w in weights]
             else:
-                scores = F.linear(emb, self.prototypes.weight.float())
-        return emb, scores
+                weights = [self.prototypes.weight.float()]
+                scores = F.linear(emb, weights[0])
+            if queue is None:
+                return emb, scores
+            with torch.no_grad():
+                queued = [[F.linear(rows.float(), w.detach()) for rows in queue] for w in weights]
+        return emb, scores, queued

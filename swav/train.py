@@ -259,17 +259,16 @@ def pretrain(cfg: Config, dry_run: bool = False) -> RunResult:
                 if cfg.model.channels_last:
                     crops = [c.contiguous(memory_format=torch.channels_last) for c in crops]
 
-                with autocast:
-                    emb, scores = engine(crops)
-                heads = scores if isinstance(scores, list) else [scores]
                 use_queue = step >= cfg.swav.queue_start_step and queue.full
+                with autocast:
+                    if use_queue:
+                        emb, scores, queued = engine(crops, [queue.rows[i] for i in range(queue.rows.shape[0])])
+                    else:
+                        emb, scores = engine(crops)
+                heads = scores if isinstance(scores, list) else [scores]
                 loss, qs = 0.0, []
                 for h, head_scores in enumerate(heads):
-                    qscores = None
-                    if use_queue:
-                        with torch.no_grad():
-                            w = module.prototype_weights()[h].float()
-                            qscores = [queue.rows[i] @ w.t() for i in range(len(cfg.swav.crops_for_assign))]
+                    qscores = queued[h] if use_queue else None
                     head_loss, head_q = swav_loss(head_scores.float(), bs, cfg.swav.crops_for_assign,
                                                   cfg.swav.temperature, cfg.swav.epsilon,
                                                   cfg.swav.sinkhorn_iterations, qscores, return_assignments=True)
