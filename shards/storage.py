@@ -13,6 +13,7 @@ import logging
 import os
 import random
 import re
+import shutil
 import time
 import uuid
 from typing import Any, Callable, TypeVar
@@ -190,11 +191,24 @@ def write_bytes(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
 
 
 def upload_file(fs: fsspec.AbstractFileSystem, local_path: str, path: str) -> None:
+    """Copy a local file to `path`, streamed (a w5 ZeRO-0 save is GBs per file): readers see all or nothing."""
     if _is_local(fs):
-        with open(local_path, "rb") as f:
-            write_bytes(fs, path, f.read())
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        tmp = f"{path}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        try:
+            with open(local_path, "rb") as src, open(tmp, "wb") as dst:
+                shutil.copyfileobj(src, dst, UPLOAD_CHUNK)
+                dst.flush()
+                os.fsync(dst.fileno())
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
         return
     with_retries(lambda: fs.put_file(local_path, path), f"upload {path}")
+
+
+UPLOAD_CHUNK = 8 * 1024 * 1024
 
 
 def exists(fs: fsspec.AbstractFileSystem, path: str) -> bool:

@@ -250,6 +250,10 @@ def files_to_load(files: dict[str, int] | list[str], rank: int, same_world: bool
     optimizer partition; after a world change under ZeRO-1/2 it loads the module only. ZeRO-3 keeps
     a model partition per rank: its own when the world is unchanged, every one (consolidated) when it
     changed. Nothing else is fetched, so a resume costs each rank O(1) files, not O(world).
+
+    A ZeRO-3 resize restores weights only, yet needs every rank's optim_states file too: DeepSpeed
+    rebuilds the module from the fp32 partitions, which live there (zero_to_fp32), not in the
+    model-states files.
     """
     ds = sorted(n for n in files if n.startswith("rank") and "/ds/" in n)
     own = [n for n in ds if n.startswith(rank_dir(rank) + "/")]

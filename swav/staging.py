@@ -10,20 +10,25 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import shutil
+import socket
 import tempfile
 
 PREFIX = "swav-stage-"
 _OURS = ("step-", "resume-")   # the only sub-folders a run creates (swav/train.py)
 
 
-def stage_root(checkpoint_url: str, stage_dir: str = "") -> str:
-    """This run's folder inside `stage_dir` (default: the temp dir), named by its checkpoint URL.
+def stage_root(checkpoint_url: str, stage_dir: str = "", node: str = "") -> str:
+    """This run's folder inside `stage_dir` (default: the temp dir), named by its checkpoint URL and node.
 
-    Runs of different jobs can share a `stage_dir`; a rerun of the same job finds its own folder again.
+    Runs of different jobs can share a `stage_dir`, and so can the nodes of one job (a Lustre or NFS
+    path): each node clears and downloads into a folder of its own. A rerun of the same job on the
+    same node finds its folder again.
     """
     parent = stage_dir or tempfile.gettempdir()
-    return os.path.join(parent, PREFIX + hashlib.sha1(checkpoint_url.encode()).hexdigest()[:12])
+    host = re.sub(r"[^A-Za-z0-9_.-]+", "_", node or socket.gethostname())[:64] or "node"
+    return os.path.join(parent, f"{PREFIX}{hashlib.sha1(checkpoint_url.encode()).hexdigest()[:12]}-{host}")
 
 
 def sweep(root: str) -> list[str]:
