@@ -263,11 +263,14 @@ def test_resume_names_each_setting_that_changes_the_training(shard_set, tmp_path
     run = tmp_path / "run"
     r = swav_cli(*args(shard_set, run, "train.steps=1", "checkpoint.every=1"))
     assert r.returncode == 0, r.stderr[-3000:]
-    r = swav_cli(*args(shard_set, run, "train.steps=2", "optim.base_lr=0.3", "train.log_every=2"))
+    copy = tmp_path / "copy"   # the same shards at another URL: resumable, and named
+    shutil.copytree(shard_set, copy)
+    r = swav_cli(*args(copy, run, "train.steps=2", "optim.base_lr=0.3", "train.log_every=2"))
     assert r.returncode == 0, r.stderr[-3000:]
     line = next(x for x in r.stderr.splitlines() if "differ from the checkpoint's config" in x)
     assert "train.steps: 1 -> 2" in line and "optim.base_lr: 0.6 -> 0.3" in line, line
-    assert "log_every" not in line and "2 setting(s)" in line, line
+    assert f"data.url: '{shard_set}' -> '{copy}'" in line, line
+    assert "log_every" not in line and "3 setting(s)" in line, line
 
 
 class _CountingProxy:
@@ -499,3 +502,31 @@ def test_prune_keeps_published_checkpoints_only_counting_published_ones(tmp_path
     # else to delete but never counted; step 6 failed before `latest`: never publishable, deleted.
     assert store.prune(2) == ["step-000000002", "step-000000006"]
     assert store.tags() == ["step-000000004", "step-000000008", "step-000000010"]
+
+
+def test_a_run_continues_after_its_set_grew_and_names_a_set_that_lost_shards(tmp_path):
+    from test_build_faults import jpegs
+
+    bucket, shards, run = tmp_path / "bucket", tmp_path / "set", tmp_path / "run"
+    jpegs(bucket / "a", 40, side=72)
+    build = ("shards", "build", str(bucket), str(shards), "--no-progress", "--workers", "1", "--samples-per-shard", "8")
+    assert swav_cli(*build).returncode == 0
+    a = ["pretrain", "jobs/tiny.yaml", f"data.url={shards}", f"run_dir={run}", "train.steps=6", "checkpoint.every=2",
+         "data.num_workers=1"]
+    r = swav_cli(*a, "train.stop_after=2")
+    assert r.returncode == 0, r.stderr[-3000:]
+    jpegs(bucket / "b", 24, side=80)
+    r = swav_cli(*build, "--incremental")
+    assert r.returncode == 0 and "addition 1" in r.stdout, r.stdout + r.stderr
+    r = swav_cli(*a, "train.stop_after=4")
+    assert r.returncode == 0 and "resuming from" in r.stderr and "Traceback" not in r.stderr, r.stderr[-3000:]
+    # A set rebuilt smaller under the run: a one-line error that says how to go on.
+    shutil.rmtree(shards)
+    jpegs(tmp_path / "small", 16, side=72)
+    assert swav_cli("shards", "build", str(tmp_path / "small"), str(shards), "--no-progress", "--workers", "1",
+                    "--samples-per-shard", "8").returncode == 0
+    r = swav_cli(*a)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-3000:]
+    assert "no longer holds the" in r.stderr and "data.restart_pass=true" in r.stderr, r.stderr[-2000:]
+    r = swav_cli(*a, "data.restart_pass=true")
+    assert r.returncode == 0 and "starts a fresh pass" in r.stderr, r.stderr[-3000:]
