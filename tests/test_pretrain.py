@@ -530,3 +530,17 @@ def test_a_run_continues_after_its_set_grew_and_names_a_set_that_lost_shards(tmp
     assert "no longer holds the" in r.stderr and "data.restart_pass=true" in r.stderr, r.stderr[-2000:]
     r = swav_cli(*a, "data.restart_pass=true")
     assert r.returncode == 0 and "starts a fresh pass" in r.stderr, r.stderr[-3000:]
+
+
+def test_after_a_world_size_change_each_rank_keeps_its_own_queue_or_starts_empty(shard_set, tmp_path):
+    """queue_length 24 at batch 8 is 8 rows per rank on 2 ranks and on 3: shapes fit, so only the rule
+    decides. Ranks 0 and 1 take their own rows; rank 2 had none and starts empty (never rank 0's)."""
+    over = [f"data.url={shard_set}", f"run_dir={tmp_path / 'run'}", "train.steps=4", "checkpoint.every=2",
+            "swav.queue_length=24", "swav.queue_start_step=0", "data.num_workers=0"]
+    r = torchrun(2, "pretrain", "jobs/tiny.yaml", *over, "train.stop_after=2")
+    assert r.returncode == 0, r.stderr[-3000:]
+    r = torchrun(3, "pretrain", "jobs/tiny.yaml", *over)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "rank 2 had no queue in the checkpoint (world 2): its queue restarts empty" in r.stderr, r.stderr[-3000:]
+    assert "rank 0 had no queue" not in r.stderr and "rank 1 had no queue" not in r.stderr
+    assert "queue shape" not in r.stderr, "the shapes fit: nothing was dropped for a shape change"
