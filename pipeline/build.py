@@ -35,6 +35,7 @@ from tqdm import tqdm
 
 import shards
 from pipeline.listing import BAD_NAME, SourceObject, walk
+from pipeline.seen import SeenHashes, manifest_digest, seen_path
 from pipeline.fromlist import from_list
 from pipeline.order import in_order, write_additions, write_snapshot
 from pipeline.normalise import NormaliseConfig, decode_job
@@ -61,11 +62,12 @@ class BuildConfig:
     normalise: NormaliseConfig = field(default_factory=NormaliseConfig)
     incremental: bool = False   # a finished part gains the objects its snapshots do not hold yet
     from_list: str | None = None  # a ready listing (parquet/CSV of URLs or keys) instead of listing SRC
+    work_dir: str = ""          # local folder for the part's accepted-hash file (default: the temp dir)
 
     def fingerprint(self) -> dict:
         """The settings that change output bytes (workers, threads and how the listing is obtained do not)."""
         d = dataclasses.asdict(self)
-        for k in ("workers", "io_threads", "part", "incremental", "from_list"):
+        for k in ("workers", "io_threads", "part", "incremental", "from_list", "work_dir"):
             d.pop(k)
         return d
 
@@ -104,7 +106,7 @@ def _check_part(cfg: BuildConfig) -> None:
 class _PartWriter:
     """Accumulates rows and samples for the shard being built and commits it."""
 
-    def __init__(self, fs, root: str, cfg: BuildConfig, number: int, seen: set[str], result: PartResult,
+    def __init__(self, fs, root: str, cfg: BuildConfig, number: int, seen: SeenHashes, result: PartResult,
                  generation: int = 0):
         self.fs, self.root, self.cfg = fs, root, cfg
         self.number, self.seen, self.result = number, seen, result
@@ -153,8 +155,10 @@ class _PartWriter:
         manifest = to_parquet_bytes(self.rows, MANIFEST_SCHEMA)
         # The manifest's key-value metadata carries the shard entry: committing it commits the shard.
         table = from_parquet_bytes(manifest).replace_schema_metadata({"shard": json.dumps(entry)})
+        data = _table_bytes(table)
         write_bytes(self.fs, join(self.root, layout.manifest_name(self.cfg.part, self.cfg.num_parts, self.number)),
-                    _table_bytes(table))
+                    data)
+        self.seen.commit(self.number + 1, manifest_digest(data))
         if entry["samples"]:
             self.result.shards.append(entry)
         self.number += 1
@@ -177,15 +181,25 @@ def read_manifest(fs, path: str):
     return table, json.loads(meta[b"shard"]) if b"shard" in meta else None
 
 
-def _recover(fs, root: str, cfg: BuildConfig, result: PartResult) -> tuple[int, set[str]]:
-    """(next shard number, seen hashes) from committed manifests; result counts the committed inputs."""
-    seen: set[str] = set()
+def _recover(fs, root: str, cfg: BuildConfig, result: PartResult, seen: SeenHashes) -> int:
+    """The next shard number, from committed manifests: `result` counts their inputs, and `seen` catches
+    up with their accepted hashes (or is rebuilt from them when it holds another build's)."""
+    held = seen.manifests
+    if held:
+        last = join(root, layout.manifest_name(cfg.part, cfg.num_parts, held - 1))
+        if not with_retries(lambda: fs.exists(last), f"stat {last}") or \
+                manifest_digest(read_bytes(fs, last)) != seen.tail:
+            seen.reset()
+            held = 0
     number = 0
     while True:
         path = join(root, layout.manifest_name(cfg.part, cfg.num_parts, number))
         if not with_retries(lambda: fs.exists(path), f"stat {path}"):
             break
-        table, entry = read_manifest(fs, path)
+        data = read_bytes(fs, path)
+        table = from_parquet_bytes(data)
+        meta = table.schema.metadata or {}
+        entry = json.loads(meta[b"shard"]) if b"shard" in meta else None
         if entry is None:
             break
         if entry["samples"]:
@@ -194,14 +208,24 @@ def _recover(fs, root: str, cfg: BuildConfig, result: PartResult) -> tuple[int, 
                 break
             result.shards.append(entry)
         accepted = pc.equal(table["status"], ACCEPTED)
-        seen.update(table["sha256"].filter(accepted).to_pylist())
+        if number >= held:
+            seen.commit(number + 1, manifest_digest(data), table["sha256"].filter(accepted).to_pylist())
         result.inputs += table.num_rows
         result.accepted += pc.sum(accepted).as_py() or 0
         for item in pc.value_counts(table["reason"].filter(pc.invert(accepted))).to_pylist():
             result.reasons[item["values"]] = result.reasons.get(item["values"], 0) + item["counts"]
         number += 1
     result.resumed_shards = number
-    return number, seen
+    if seen.manifests > number:
+        # It holds manifests past the last complete shard (whose tar went missing): those are redone,
+        # so their hashes must go. Rare; refill from the manifests that stand.
+        seen.reset()
+        for n in range(number):
+            data = read_bytes(fs, join(root, layout.manifest_name(cfg.part, cfg.num_parts, n)))
+            table = from_parquet_bytes(data, columns=["status", "sha256"])
+            seen.commit(n + 1, manifest_digest(data),
+                        table["sha256"].filter(pc.equal(table["status"], ACCEPTED)).to_pylist())
+    return number
 
 
 def _read_object(fs, obj: SourceObject) -> bytes:
@@ -415,7 +439,8 @@ def build_part(src: str, dst: str, cfg: BuildConfig, src_options: dict | None = 
         return walk(fs, root, public)
 
     snapshots = [_snapshot(listing, src, dfs, droot, cfg, fingerprint, g) for g in range(generation + 1)]
-    number, seen = _recover(dfs, droot, cfg, result)
+    seen = SeenHashes(seen_path(dst, cfg.part, cfg.num_parts, cfg.work_dir))
+    number = _recover(dfs, droot, cfg, result, seen)
     earlier = sum(s["rows"] for s in snapshots[:-1])
     current = snapshots[-1]
     done_here = result.inputs - earlier
@@ -439,6 +464,7 @@ def build_part(src: str, dst: str, cfg: BuildConfig, src_options: dict | None = 
     bar = tqdm(desc=f"shards build part {cfg.part}/{cfg.num_parts}" + (f" (addition {generation})" if generation else ""),
                unit="img", disable=not progress, total=current["rows"], initial=done_here,
                mininterval=1.0, smoothing=0.1)
+    finished = False
     try:
         for obj, out in processor.run(todo()):
             writer.add(obj, out)
@@ -446,9 +472,12 @@ def build_part(src: str, dst: str, cfg: BuildConfig, src_options: dict | None = 
             bar.set_postfix(accepted=result.accepted, rejected=result.rejected, shards=len(result.shards),
                             refresh=False)
         writer.commit()
+        finished = True
     finally:
         bar.close()
         processor.close()
+        # Kept for a rerun to resume from; a finished part (or a later --incremental) rebuilds it.
+        seen.close(remove=finished)
     result.seconds = time.time() - start
     write_json(dfs, record_path, {"fingerprint": fingerprint, "part": cfg.part, "inputs": result.inputs,
                                   "accepted": result.accepted, "reasons": result.reasons,

@@ -80,6 +80,9 @@ def register(sub: argparse._SubParsersAction) -> argparse._SubParsersAction:
     b.add_argument("--quality", type=int, default=d.quality, help=f"JPEG quality of re-encoded images (default {d.quality})")
     b.add_argument("--workers", type=int, default=0, help="decode processes (default: one per core)")
     b.add_argument("--io-threads", type=int, default=16, help="concurrent reads from the source (default 16)")
+    b.add_argument("--work-dir", default="", help="local folder for the part's file of accepted content hashes "
+                   "(its in-part duplicate check, on disk so memory stays flat; about 40 bytes per accepted "
+                   "object, removed when the part finishes; default: the temp dir)")
     b.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_storage_flags(b)
     x = ssub.add_parser("index", help="make existing WebDataset tars (img2dataset, LAION, ...) a shard set",
@@ -122,7 +125,7 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         from pipeline.merge import merge
 
         if args.merge:
-            rec = merge(args.dst, args.merge, opts)
+            rec = merge(args.dst, args.merge, opts, work_dir=args.work_dir)
             print(f"published {redact_text(args.dst)}: {rec['shards']} shards, {rec['samples']} samples, "
                   f"{rec['counts']['inputs']} inputs ({rec['cross_part_duplicates']} cross-part duplicates dropped)")
             return 0
@@ -130,6 +133,7 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         cfg = BuildConfig(samples_per_shard=args.samples_per_shard, shard_max_bytes=args.shard_max_bytes,
                           workers=args.workers, io_threads=args.io_threads, part=part, num_parts=num_parts,
                           seed=args.seed, incremental=args.incremental, from_list=args.from_list,
+                          work_dir=args.work_dir,
                           normalise=NormaliseConfig(max_side=args.max_side, min_side=args.min_side,
                                                     max_aspect=args.max_aspect, max_pixels=args.max_pixels,
                                                     quality=args.quality))

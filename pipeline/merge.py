@@ -16,7 +16,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipeline.build import read_manifest, tool_version, _table_bytes
-from pipeline.order import order_key
+from pipeline.dupsearch import DuplicateSearch
 from shards import layout
 from shards.errors import UserError
 from shards.manifest import ACCEPTED, BUILT_INDEX_SCHEMA, REJECTED, from_parquet_bytes, to_parquet_bytes
@@ -33,15 +33,11 @@ def _manifests(fs, root: str) -> list[str]:
     return sorted(p for p in fs.ls(path, detail=False) if p.endswith(".parquet"))
 
 
-def _scan(fs, manifests: list[str], want_hashes: bool) -> tuple[dict, dict, list, dict | None]:
-    """One read of every manifest: (counts, reasons, shard entries, accepted rows' hash prefixes).
-
-    Columnar and per manifest, so memory holds one manifest plus 16 bytes per accepted row for the
-    cross-part duplicate search (a 64-bit prefix of the content hash, the manifest and the row).
-    """
+def _scan(fs, manifests: list[str], search: DuplicateSearch | None) -> tuple[dict, dict, list]:
+    """One read of every manifest: (counts, reasons, shard entries); with `search`, every accepted row's
+    hash prefix goes to it (spilled to disk, so memory holds one manifest whatever the set's size)."""
     counts, reasons = {"inputs": 0, ACCEPTED: 0, REJECTED: 0}, {}
     entries: list[dict] = []
-    hashes: dict[str, list[np.ndarray]] = {"h": [], "m": [], "row": []}
     for mi, m in enumerate(manifests):
         table = from_parquet_bytes(read_bytes(fs, m), columns=["status", "reason", "sha256"])
         meta = table.schema.metadata or {}
@@ -55,14 +51,10 @@ def _scan(fs, manifests: list[str], want_hashes: bool) -> tuple[dict, dict, list
         counts[REJECTED] += table.num_rows - n_acc
         for item in pc.value_counts(table["reason"].filter(pc.invert(accepted))).to_pylist():
             reasons[item["values"]] = reasons.get(item["values"], 0) + item["counts"]
-        if want_hashes and n_acc:
+        if search is not None and n_acc:
             rows = pc.indices_nonzero(accepted).to_numpy().astype(np.int32)
-            hashes["h"].append(_prefix64(table["sha256"].filter(accepted).combine_chunks()))
-            hashes["m"].append(np.full(len(rows), mi, np.int32))
-            hashes["row"].append(rows)
-    if not want_hashes or not hashes["h"]:
-        return counts, reasons, entries, None
-    return counts, reasons, entries, {k: np.concatenate(v) for k, v in hashes.items()}
+            search.add(mi, rows, _prefix64(table["sha256"].filter(accepted).combine_chunks()))
+    return counts, reasons, entries
 
 
 _HEX = np.full(256, 255, np.uint8)
@@ -81,49 +73,24 @@ def _prefix64(sha: pa.StringArray) -> np.ndarray:
     return np.ascontiguousarray(packed).view(">u8").ravel().astype(np.uint64)
 
 
-def _candidates(hashes: dict | None) -> dict[int, list[int]]:
-    """manifest number -> rows whose 64-bit hash prefix occurs more than once (exact check follows)."""
-    if hashes is None:
-        return {}
-    order = pc.sort_indices(pa.array(hashes["h"])).to_numpy()
-    ordered = hashes["h"][order]
-    same = ordered[1:] == ordered[:-1]
-    hit = np.zeros(len(ordered), bool)
-    hit[1:] |= same
-    hit[:-1] |= same
-    out: dict[int, list[int]] = {}
-    picked = order[hit]
-    for m, row in zip(hashes["m"][picked].tolist(), hashes["row"][picked].tolist()):
-        out.setdefault(m, []).append(row)
-    return out
-
-
-def _drop_cross_part_duplicates(fs, root: str, manifests: list[str], candidates: dict[int, list[int]],
-                                source: str, seed: int) -> tuple[int, dict[str, dict]]:
-    """Later copies of content accepted in another part become rejections: (dropped, new entries by manifest).
+def _drop_cross_part_duplicates(fs, root: str, manifests: list[str], search: DuplicateSearch, source: str,
+                                seed: int) -> tuple[int, dict[str, dict]]:
+    """Later copies of content accepted in another part become rejections: (dropped, new entries by shard).
 
     The copy kept is the one in the earliest generation (an incremental addition never rewrites an
     older shard), then first in pack order, as within a part: the same whichever way the bucket was split.
     """
-    prefix = len(source.rstrip("/")) + 1
-    copies: dict[str, list[tuple]] = {}
-    for mi, rows in candidates.items():
-        table, entry = read_manifest(fs, manifests[mi])
-        gen = (entry or {}).get("generation", 0)
-        sub = table.take(pa.array(rows, pa.int32())).select(["sha256", "key", "url"]).to_pydict()
-        for sha, key, url in zip(sub["sha256"], sub["key"], sub["url"]):
-            rel = url[prefix:]
-            copies.setdefault(sha, []).append(((gen, order_key(seed, rel), rel), key, url, manifests[mi]))
-    losers: dict[str, dict[str, str]] = {}   # manifest -> key -> winner url
-    for group in copies.values():
-        if len(group) < 2:
-            continue  # a 64-bit prefix collision, not a duplicate
-        group.sort()
-        for _, key, _, man in group[1:]:
-            losers.setdefault(man, {})[key] = group[0][2]
-    rewritten = {entry["name"]: entry for entry in (_drop_from_shard(fs, root, man, keys)
-                                                    for man, keys in sorted(losers.items()))}
-    return sum(len(k) for k in losers.values()), rewritten
+    def read_copies(m: int, rows: np.ndarray) -> tuple[pa.Table, int]:
+        table, entry = read_manifest(fs, manifests[m])
+        return table.take(pa.array(rows, pa.int32())).select(["sha256", "key", "url"]), \
+            (entry or {}).get("generation", 0)
+
+    dropped, rewritten = 0, {}
+    for m, keys in search.losers(read_copies, len(source.rstrip("/")) + 1, seed):
+        entry = _drop_from_shard(fs, root, manifests[m], keys)
+        rewritten[entry["name"]] = entry
+        dropped += len(keys)
+    return dropped, rewritten
 
 
 def _drop_from_shard(fs, root: str, manifest: str, keys: dict[str, str]) -> dict:
@@ -165,7 +132,8 @@ def _check_parts(dst: str, records: list[dict], manifests: list[str], num_parts:
                             f"build ({m.rsplit('/', 1)[-1]})")
 
 
-def merge(dst: str, num_parts: int, options: dict | None = None, source: str | None = None) -> dict:
+def merge(dst: str, num_parts: int, options: dict | None = None, source: str | None = None,
+          work_dir: str = "") -> dict:
     """Combine finished parts into the published index and build record. Idempotent."""
     fs, root = get_fs(dst, options)
     records = []
@@ -181,9 +149,15 @@ def merge(dst: str, num_parts: int, options: dict | None = None, source: str | N
     manifests = _manifests(fs, root)
     _check_parts(dst, records, manifests, num_parts)
     fingerprint = records[0]["fingerprint"]
-    counts, reasons, entries, hashes = _scan(fs, manifests, want_hashes=num_parts > 1)
-    dropped, rewritten = _drop_cross_part_duplicates(fs, root, manifests, _candidates(hashes), fingerprint["source"],
-                                                     fingerprint["config"].get("seed", 0))
+    search = DuplicateSearch(work_dir) if num_parts > 1 else None
+    try:
+        counts, reasons, entries = _scan(fs, manifests, search)
+        dropped, rewritten = (_drop_cross_part_duplicates(fs, root, manifests, search, fingerprint["source"],
+                                                          fingerprint["config"].get("seed", 0))
+                              if search is not None else (0, {}))
+    finally:
+        if search is not None:
+            search.close()
     if dropped:
         counts[ACCEPTED] -= dropped
         counts[REJECTED] += dropped
