@@ -38,21 +38,23 @@ PARTITION_BYTES = 128 * 1024 * 1024
 BUFFER_BYTES = 16 * 1024 * 1024
 
 
-class _Records:
-    """Fixed-size records appended to partition files, through one bounded buffer."""
+class _Spill:
+    """Items appended to one file per partition, through one bounded buffer (a subclass says how)."""
 
-    def __init__(self, folder: str, parts: int, dtype: np.dtype):
-        self.folder, self.parts, self.dtype = folder, parts, dtype
+    suffix = ""
+
+    def __init__(self, folder: str, parts: int):
+        self.folder, self.parts = folder, parts
         os.makedirs(folder, exist_ok=True)
-        self.buf: list[tuple[np.ndarray, np.ndarray]] = []
+        self.buf: list[tuple[np.ndarray, object]] = []
         self.buffered = 0
         self.count = 0
 
-    def add(self, part: np.ndarray, recs: np.ndarray) -> None:
-        if len(recs):
-            self.buf.append((part, recs))
-            self.buffered += recs.nbytes
-            self.count += len(recs)
+    def add(self, part: np.ndarray, items) -> None:
+        if len(items):
+            self.buf.append((part, items))
+            self.buffered += items.nbytes
+            self.count += len(items)
             if self.buffered >= BUFFER_BYTES:
                 self.flush()
 
@@ -60,55 +62,61 @@ class _Records:
         if not self.buf:
             return
         part = np.concatenate([p for p, _ in self.buf])
-        recs = np.concatenate([r for _, r in self.buf])
         order = np.argsort(part, kind="stable")
-        part, recs = part[order], recs[order]
-        bounds = np.searchsorted(part, np.arange(self.parts + 1))
+        bounds = np.searchsorted(part[order], np.arange(self.parts + 1))
+        items = self._take(self._concat([x for _, x in self.buf]), order)
         for p in range(self.parts):
             if bounds[p] < bounds[p + 1]:
                 with open(self._path(p), "ab") as f:
-                    f.write(recs[bounds[p]:bounds[p + 1]].tobytes())
+                    self._write(f, items[bounds[p]:bounds[p + 1]])
         self.buf, self.buffered = [], 0
+
+    def _path(self, p: int) -> str:
+        return os.path.join(self.folder, f"{p:05d}{self.suffix}")
+
+
+class _Records(_Spill):
+    """Fixed-size numpy records."""
+
+    suffix = ".bin"
+
+    def __init__(self, folder: str, parts: int, dtype: np.dtype):
+        super().__init__(folder, parts)
+        self.dtype = dtype
+
+    _concat = staticmethod(np.concatenate)
+
+    @staticmethod
+    def _take(recs: np.ndarray, order: np.ndarray) -> np.ndarray:
+        return recs[order]
+
+    @staticmethod
+    def _write(f, recs: np.ndarray) -> None:
+        f.write(recs.tobytes())
 
     def read(self, p: int) -> np.ndarray:
         path = self._path(p)
         return np.fromfile(path, dtype=self.dtype) if os.path.exists(path) else np.zeros(0, self.dtype)
 
-    def _path(self, p: int) -> str:
-        return os.path.join(self.folder, f"{p:05d}.bin")
 
+class _Tables(_Spill):
+    """Arrow tables; each flush appends one IPC stream per partition, read back one after another."""
 
-class _Tables:
-    """Arrow record batches appended to partition files (IPC streams), through one bounded buffer."""
+    suffix = ".arrows"
 
     def __init__(self, folder: str, parts: int, schema: pa.Schema):
-        self.folder, self.parts, self.schema = folder, parts, schema
-        os.makedirs(folder, exist_ok=True)
-        self.buf: list[tuple[np.ndarray, pa.Table]] = []
-        self.buffered = 0
-        self.writers: dict[int, tuple] = {}
+        super().__init__(folder, parts)
+        self.schema = schema
 
-    def add(self, part: np.ndarray, table: pa.Table) -> None:
-        if table.num_rows:
-            self.buf.append((part, table))
-            self.buffered += table.nbytes
-            if self.buffered >= BUFFER_BYTES:
-                self.flush()
+    _concat = staticmethod(pa.concat_tables)
 
-    def flush(self) -> None:
-        if not self.buf:
-            return
-        part = np.concatenate([p for p, _ in self.buf])
-        table = pa.concat_tables([t for _, t in self.buf])
-        order = np.argsort(part, kind="stable")
-        part, table = part[order], table.take(pa.array(order))
-        bounds = np.searchsorted(part, np.arange(self.parts + 1))
-        for p in range(self.parts):
-            if bounds[p] < bounds[p + 1]:
-                # One IPC stream per flush and partition, appended: a reader reads them one after another.
-                with open(self._path(p), "ab") as f, pa.ipc.new_stream(f, self.schema) as w:
-                    w.write_table(table.slice(bounds[p], bounds[p + 1] - bounds[p]))
-        self.buf, self.buffered = [], 0
+    @staticmethod
+    def _take(table: pa.Table, order: np.ndarray) -> pa.Table:
+        return table.take(pa.array(order))
+
+    def _write(self, f, table: pa.Table) -> None:
+        with pa.ipc.new_stream(f, self.schema) as w:
+            w.write_table(table)
 
     def read(self, p: int) -> pa.Table:
         path = self._path(p)
@@ -119,9 +127,6 @@ class _Tables:
             while f.tell() < os.fstat(f.fileno()).st_size:
                 tables.append(pa.ipc.open_stream(f).read_all())
         return pa.concat_tables(tables)
-
-    def _path(self, p: int) -> str:
-        return os.path.join(self.folder, f"{p:05d}.arrows")
 
 
 COPY_SCHEMA = pa.schema([("sha", pa.string()), ("gen", pa.int32()), ("okey", pa.uint64()), ("rel", pa.string()),

@@ -17,6 +17,8 @@ import sqlite3
 import tempfile
 from typing import Iterable
 
+from shards.storage import pid_alive
+
 # The page cache SQLite may hold; the rest of the file stays on disk.
 CACHE_BYTES = 64 * 1024 * 1024
 
@@ -47,7 +49,7 @@ def seen_path(dst: str, part: int, num_parts: int, work_dir: str = "") -> str:
     left = []
     for name in names:
         pid = name[len(stem) + 1:-len(".sqlite")]
-        if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+        if pid.isdigit() and int(pid) != os.getpid() and not pid_alive(int(pid)):
             left.append(os.path.join(folder, name))
     left.sort(key=lambda p: os.path.getmtime(p) if os.path.exists(p) else 0)
     for i, path in enumerate(reversed(left)):
@@ -59,16 +61,6 @@ def seen_path(dst: str, part: int, num_parts: int, work_dir: str = "") -> str:
         except FileNotFoundError:   # another copy adopted or removed it first
             pass
     return mine
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 class SeenHashes:

@@ -215,6 +215,17 @@ def exists(fs: fsspec.AbstractFileSystem, path: str) -> bool:
     return with_retries(lambda: fs.exists(path), f"stat {path}")
 
 
+def pid_alive(pid: int) -> bool:
+    """Whether a process of this machine still runs: files named after a dead one are leftovers."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def remove_stale_temporaries(fs: fsspec.AbstractFileSystem, root: str, stem: str = "") -> int:
     """Delete temporaries that a killed local write_bytes left behind (object stores have none).
 

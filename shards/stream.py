@@ -30,7 +30,7 @@ from shards.errors import UserError
 from shards.index import ShardIndex
 from shards.members import UnsafeMember
 from shards.passes import PassLayout, PassOrder
-from shards.storage import explain, get_fs, is_transient
+from shards.storage import explain, get_fs, is_transient, pid_alive
 from shards.tario import iter_samples
 
 log = logging.getLogger(__name__)
@@ -396,16 +396,6 @@ class ShardStream:
 TMP_MARK = ".tmp-"
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def _trim_cache(folder: str, max_bytes: int) -> None:
     """Keep the cache under max_bytes, oldest access first; partial downloads of dead processes go first."""
     files = []
@@ -416,7 +406,7 @@ def _trim_cache(folder: str, max_bytes: int) -> None:
             continue
         if TMP_MARK in e.name:
             pid = e.name.rsplit(TMP_MARK, 1)[1]
-            if pid.isdigit() and not _pid_alive(int(pid)):
+            if pid.isdigit() and not pid_alive(int(pid)):
                 try:
                     os.remove(e.path)
                 except FileNotFoundError:
