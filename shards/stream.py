@@ -206,6 +206,7 @@ class ShardStream:
             self.layout = self.passes.fresh(self.layout.start + self.layout.pieces, self.num_consumers, self.window)
             self.skip, self.offsets = set(), {}
         self.pass_index, self.next_k = pass_index, 0
+        self._pieces.clear()   # positions name other pieces in another pass
 
     def position(self, k: int) -> int:
         return self.layout.first_position(self.consumer, self.num_consumers) + k * self.num_consumers
@@ -235,6 +236,10 @@ class ShardStream:
 
         A stream whose caller never marks batches draws without this rule."""
         self._batching = True
+        self._batch.clear()
+
+    def end_batch(self) -> None:
+        """The batch is complete: nothing of it needs remembering (a state saved now stays small)."""
         self._batch.clear()
 
     def __iter__(self) -> "ShardStream":

@@ -49,6 +49,7 @@ class _Batches:
         self.stream.begin_batch()
         if self.describe:
             samples = [next(self.stream) for _ in range(self.batch_size)]
+            self.stream.end_batch()
             return {"urls": [source_url(s, self.stream.index) for s in samples],
                     "shards": [int(s["__shard__"]) for s in samples],
                     "ids": [[int(s["__shard__"]), int(s["__ordinal__"])] for s in samples],
@@ -61,6 +62,7 @@ class _Batches:
             except Exception as e:  # noqa: BLE001 - one undecodable sample must not stop training
                 self.bad_samples += 1
                 log.warning("skipping undecodable sample %s (%s); %d so far", s["__key__"], e, self.bad_samples)
+        self.stream.end_batch()
         return batch.finish(self.augment)
 
     def state_dict(self) -> dict:
