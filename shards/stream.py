@@ -279,6 +279,11 @@ class ShardStream:
             sample["__ordinal__"] = start + offset
             return sample
 
+    def _next_id(self, pos: int, offset: int) -> tuple[int, int]:
+        """(shard, ordinal) of the sample a piece delivers next."""
+        shard, start, _ = self._piece(pos)
+        return shard, start + offset
+
     def _remaining(self, pos: int, offset: int) -> int:
         shard, start, end = self._piece(pos)
         stop = end if end is not None else max(int(self.index.samples[shard]), start + offset + 1)
@@ -287,8 +292,7 @@ class ShardStream:
     def _pick(self) -> int:
         """An open piece, with odds proportional to what it has left, whose next sample is not in the batch."""
         while True:
-            free = [j for j, (pos, off) in enumerate(self.open)
-                    if (self._piece(pos)[0], self._piece(pos)[1] + off) not in self._batch]
+            free = [j for j, (pos, off) in enumerate(self.open) if self._next_id(pos, off) not in self._batch]
             if free or not self._open_one():
                 break
         # Nothing else is left in this pass for this consumer: a set smaller than a batch repeats.
