@@ -25,7 +25,7 @@ def demo_step_inputs(make: Callable | None = None) -> tuple:
 
 def mixed_bucket(root: Path, photos: int = 480) -> Path:
     """Photos from scikit-image/scikit-learn resized to 400-2000 px, plus every odd case."""
-    from pipeline.samplebucket import odd_cases, photo_bucket
+    from swav.demo_bucket import odd_cases, photo_bucket
 
     if not (root / ".done").exists():
         photo_bucket(root / "photos", photos, seed=7, min_side=400, max_side=2000)

@@ -18,9 +18,8 @@ import time
 
 import numpy as np
 import torch
-from PIL import Image, ImageFilter
-
 from _inputs import shard_jpegs, shard_set
+from PIL import Image, ImageFilter
 
 torch.set_num_threads(1)
 SIZE, NUM, MIN_S, MAX_S = [224, 96], [2, 6], [0.14, 0.05], [1.0, 0.14]

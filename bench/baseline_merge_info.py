@@ -15,9 +15,9 @@ from pipeline.build import read_manifest, tool_version, _table_bytes
 from pipeline.merge import _drop_from_shard, _manifests
 from pipeline.order import order_key
 from shards import layout
-from shards.errors import UserError
+from swav_io.errors import UserError
 from shards.manifest import ACCEPTED, INDEX_SCHEMA, REJECTED, to_parquet_bytes
-from shards.storage import get_fs, join, read_json, redact, write_bytes, write_json
+from swav_io.storage import get_fs, join, read_json, redact, write_bytes, write_json
 from shards.tario import iter_samples, write_tar
 
 log = logging.getLogger(__name__)

@@ -10,9 +10,8 @@ import shutil
 import time
 from pathlib import Path
 
-from PIL import Image
-
 from _inputs import mixed_bucket, workdir
+from PIL import Image
 
 
 def bare_decode(files: list[Path]) -> float:

@@ -13,7 +13,6 @@ import os
 import time
 
 import torch
-
 from _inputs import demo_step_inputs
 
 os.environ.setdefault("DS_ACCELERATOR", "cpu")

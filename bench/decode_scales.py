@@ -11,7 +11,6 @@ import time
 
 import numpy as np
 import simplejpeg
-
 from _inputs import shard_jpegs
 
 SCALES = (8, 7, 6, 5, 4, 3, 2, 1)   # in eighths

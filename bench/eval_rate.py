@@ -28,7 +28,7 @@ def main(blocks: int = 4, batches_per_block: int = 4) -> dict:
     x_nhwc = x.contiguous(memory_format=torch.channels_last)
     seconds = {"nchw": 0.0, "nhwc": 0.0}
     with torch.no_grad():
-        for name, m, inp in (("nchw", trunk, x), ("nhwc", nhwc_trunk, x_nhwc)):
+        for _name, m, inp in (("nchw", trunk, x), ("nhwc", nhwc_trunk, x_nhwc)):
             m(inp)  # warm-up: first-call kernel selection
         for _ in range(blocks):
             for name, m, inp in (("nchw", trunk, x), ("nhwc", nhwc_trunk, x_nhwc)):

@@ -32,7 +32,7 @@ GOAL = 1500.0   # img/s/GPU for resnet50 multi-crop on an H100; the official cod
 
 def build_shards(root: str, images: int) -> str:
     from pipeline.build import BuildConfig, build
-    from pipeline.samplebucket import photo_bucket
+    from swav.demo_bucket import photo_bucket
 
     photo_bucket(os.path.join(root, "bucket"), images, seed=1, min_side=300, max_side=700)
     build(os.path.join(root, "bucket"), os.path.join(root, "shards"), BuildConfig(samples_per_shard=100),

@@ -32,15 +32,15 @@ DUPLICATE_PAIRS = 20        # content accepted in two parts: merge must find and
 
 def make_set(root: Path, rows: int) -> None:
     """Manifests of 1,000 rows in 4 parts: 90% accepted, the rest rejected with a spread of reasons."""
+    import fsspec
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     from pipeline.order import order_key
     from shards import layout
     from shards.manifest import MANIFEST_SCHEMA
-    from shards.storage import write_json
     from shards.tario import write_tar
-    import fsspec
+    from swav_io.storage import write_json
 
     fs = fsspec.filesystem("file")
     rng = np.random.default_rng(0)

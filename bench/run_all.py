@@ -10,13 +10,13 @@ import time
 sys.path.insert(0, os.path.dirname(__file__))
 
 import augment_rate  # noqa: E402
-from _inputs import write_results  # noqa: E402
 import build_rate  # noqa: E402
 import cpu_layout  # noqa: E402
 import decode_scales  # noqa: E402
 import eval_rate  # noqa: E402
 import index_memory  # noqa: E402
 import step_time  # noqa: E402
+from _inputs import write_results  # noqa: E402
 
 
 def main() -> None:

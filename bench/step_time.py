@@ -10,8 +10,6 @@ import copy
 import os
 import time
 
-import torch
-
 from _inputs import demo_step_inputs
 
 os.environ.setdefault("DS_ACCELERATOR", "cpu")

@@ -17,7 +17,6 @@ from __future__ import annotations
 import collections
 import dataclasses
 import hashlib
-import io
 import json
 import logging
 import multiprocessing
@@ -30,22 +29,39 @@ from dataclasses import dataclass, field
 from typing import Iterator
 
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 from tqdm import tqdm
 
-import shards
-from pipeline.listing import BAD_NAME, SourceObject, walk
-from pipeline.seen import SeenHashes, manifest_digest, seen_path
 from pipeline.fromlist import from_list
-from pipeline.order import in_order, write_additions, write_snapshot
+from pipeline.listing import BAD_NAME, SourceObject, walk
 from pipeline.normalise import NormaliseConfig, decode_job
+from pipeline.order import in_order, write_additions, write_snapshot
+from pipeline.seen import SeenHashes, manifest_digest, seen_path
 from shards import layout
-from shards.errors import UserError
-from shards.manifest import ACCEPTED, MANIFEST_SCHEMA, REJECTED, from_parquet_bytes, to_parquet_bytes
-from shards.storage import (explain, get_fs, join, read_bytes, read_json, redact, redact_text, remove_stale_temporaries,
-                            with_retries,
-                            write_bytes, write_json)
+from shards.manifest import (
+    ACCEPTED,
+    MANIFEST_SCHEMA,
+    REJECTED,
+    from_parquet_bytes,
+    table_to_parquet_bytes,
+    to_parquet_bytes,
+)
 from shards.tario import write_tar
+from swav_io.errors import AccessDenied, UserError
+from swav_io.storage import (
+    explain,
+    explained,
+    get_fs,
+    join,
+    read_bytes,
+    read_json,
+    redact,
+    redact_text,
+    remove_stale_temporaries,
+    with_retries,
+    write_bytes,
+    write_json,
+)
+from swav_io.system import usable_cpus
 
 log = logging.getLogger(__name__)
 
@@ -155,7 +171,7 @@ class _PartWriter:
         manifest = to_parquet_bytes(self.rows, MANIFEST_SCHEMA)
         # The manifest's key-value metadata carries the shard entry: committing it commits the shard.
         table = from_parquet_bytes(manifest).replace_schema_metadata({"shard": json.dumps(entry)})
-        data = _table_bytes(table)
+        data = table_to_parquet_bytes(table)
         write_bytes(self.fs, join(self.root, layout.manifest_name(self.cfg.part, self.cfg.num_parts, self.number)),
                     data)
         self.seen.commit(self.number + 1, manifest_digest(data))
@@ -166,19 +182,6 @@ class _PartWriter:
 
     def _name(self) -> str:
         return layout.shard_name(self.cfg.part, self.cfg.num_parts, self.number)
-
-
-def _table_bytes(table) -> bytes:
-    buf = io.BytesIO()
-    pq.write_table(table, buf, compression="zstd")
-    return buf.getvalue()
-
-
-def read_manifest(fs, path: str):
-    """(table, shard entry) of one committed manifest."""
-    table = from_parquet_bytes(read_bytes(fs, path))
-    meta = table.schema.metadata or {}
-    return table, json.loads(meta[b"shard"]) if b"shard" in meta else None
 
 
 def _recover(fs, root: str, cfg: BuildConfig, result: PartResult, seen: SeenHashes) -> int:
@@ -194,7 +197,7 @@ def _recover(fs, root: str, cfg: BuildConfig, result: PartResult, seen: SeenHash
     number = 0
     while True:
         path = join(root, layout.manifest_name(cfg.part, cfg.num_parts, number))
-        if not with_retries(lambda: fs.exists(path), f"stat {path}"):
+        if not with_retries(lambda p=path: fs.exists(p), f"stat {path}"):
             break
         data = read_bytes(fs, path)
         table = from_parquet_bytes(data)
@@ -246,8 +249,8 @@ def _read_failure(obj: SourceObject, exc: Exception) -> dict:
     if isinstance(exc, FileNotFoundError):
         return {"status": "rejected", "reason": "missing", "detail": "listed, but gone when read"}
     err = explain(exc, obj.url)
-    if isinstance(exc, PermissionError) or str(err).startswith(("access denied", "no credentials")):
-        raise err from None
+    if isinstance(err, AccessDenied):
+        raise err from exc
     raise ReadFault(f"reading {obj.url} failed after retries ({type(exc).__name__}); the shards committed so far "
                     f"are kept: rerun the same command to continue") from None
 
@@ -357,38 +360,18 @@ def _stop(tables: list[dict]) -> None:
                 proc.kill()
 
 
-def usable_cpus() -> int:
-    """CPUs this process may run on: its affinity mask, capped by a cgroup CPU quota (containers)."""
-    try:
-        n = len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        n = os.cpu_count() or 1
-    try:
-        with open("/sys/fs/cgroup/cpu.max", encoding="ascii") as f:
-            quota, period = f.read().split()[:2]
-        if quota != "max":
-            n = min(n, max(1, int(quota) // int(period)))
-    except (OSError, ValueError):
-        pass
-    return max(1, n)
-
-
 def open_source(src: str, options: dict | None, listed: bool = True):
     """(filesystem, root) of the source; with listed, also checks that it is a prefix holding objects."""
     fs, root = get_fs(src, options)
     if not listed:
         return fs, root.rstrip("/")
-    try:
+    with explained(src):
         if not with_retries(lambda: fs.isdir(root), f"stat {src}"):
             if with_retries(lambda: fs.exists(root), f"stat {src}"):
                 raise UserError(f"source {src} is a file, not a prefix of images")
             raise UserError(f"source not found: {src}")
         if next(iter(walk(fs, root, src.rstrip("/"))), None) is None:
             raise UserError(f"source {src} holds no objects")
-    except UserError:
-        raise
-    except Exception as e:  # noqa: BLE001
-        raise explain(e, src) from None
     return fs, root
 
 
@@ -411,7 +394,7 @@ def build_part(src: str, dst: str, cfg: BuildConfig, src_options: dict | None = 
     public = redact_text(src).rstrip("/")
     fingerprint = json.loads(json.dumps({"source": public, "config": cfg.fingerprint()}))
     generation = 0
-    try:
+    with explained(dst):
         _check_layout(dfs, droot, dst, cfg)
         if dfs.exists(record_path):
             rec = read_json(dfs, record_path)
@@ -426,10 +409,6 @@ def build_part(src: str, dst: str, cfg: BuildConfig, src_options: dict | None = 
             raise UserError(f"{dst} holds a partial build with other settings; use a new destination")
         else:
             write_json(dfs, config_path, fingerprint)
-    except UserError:
-        raise
-    except Exception as e:  # noqa: BLE001
-        raise explain(e, dst) from None
 
     # Only this part's own leftovers: another part (or a copy of this one) may be writing right now.
     remove_stale_temporaries(dfs, droot, layout.part_stem(cfg.part, cfg.num_parts))
@@ -454,11 +433,9 @@ def build_part(src: str, dst: str, cfg: BuildConfig, src_options: dict | None = 
     writer = _PartWriter(dfs, droot, cfg, number, seen, result, generation)
 
     def todo() -> Iterator[SourceObject]:
-        try:
+        with explained(dst):
             yield from in_order(dfs, droot, cfg.part, cfg.num_parts, current["runs"], root, public, skip=done_here,
                                 generation=generation)
-        except Exception as e:  # noqa: BLE001
-            raise explain(e, dst) from None
 
     processor = _Processor(fs, cfg)
     bar = tqdm(desc=f"shards build part {cfg.part}/{cfg.num_parts}" + (f" (addition {generation})" if generation else ""),
@@ -509,16 +486,12 @@ def _snapshot(listing, src: str, dfs, droot: str, cfg: BuildConfig, fingerprint:
         rec = read_json(dfs, path)
         if rec.get("fingerprint") == fingerprint:
             return rec
-    try:
+    with explained(src):
         objects = (o for o in listing() if in_part(o.rel, cfg.part, cfg.num_parts))
         if generation == 0:
             rec = write_snapshot(dfs, droot, cfg.part, cfg.num_parts, objects, cfg.seed)
         else:
             rec = write_additions(dfs, droot, cfg.part, cfg.num_parts, objects, cfg.seed, generation)
-    except UserError:
-        raise
-    except Exception as e:  # noqa: BLE001
-        raise explain(e, src) from None
     log.info("part %d: listed %d %sobject(s) into %d sorted run(s)", cfg.part, rec["rows"],
              "new " if generation else "", rec["runs"])
     write_json(dfs, path, {"fingerprint": fingerprint, **rec})
@@ -534,10 +507,6 @@ def build(src: str, dst: str, cfg: BuildConfig, src_options: dict | None = None,
 
         merge(dst, 1, dst_options, source=src)
     return result
-
-
-def tool_version() -> str:
-    return shards.__version__
 
 
 def summary_lines(result: PartResult) -> list[str]:

@@ -8,31 +8,9 @@ import sys
 
 from pipeline.normalise import NormaliseConfig
 from shards.members import IMAGE_EXTENSIONS
-from shards.errors import UserError
-from shards.storage import merge_options, options_from_env, redact_text, s3_options
-
-
-def add_storage_flags(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("storage (applies to s3:// and other object-store URLs)")
-    g.add_argument("--endpoint-url", help="S3-compatible endpoint, e.g. http://127.0.0.1:9000 (else AWS_ENDPOINT_URL)")
-    g.add_argument("--profile", help="credentials profile from ~/.aws/credentials")
-    g.add_argument("--anon", action="store_true", help="anonymous access to a public bucket")
-    g.add_argument("--storage-option", action="append", default=[], metavar="KEY=JSON",
-                   help="extra fsspec storage option, repeatable; values parsed as JSON when they parse. "
-                        "SWAV_STORAGE_OPTIONS (a JSON object) is read too")
-
-
-def storage_options(args: argparse.Namespace) -> dict:
-    extra = {}
-    for item in args.storage_option:
-        if "=" not in item:
-            raise UserError(f"--storage-option {item!r} is not KEY=VALUE")
-        k, v = item.split("=", 1)
-        try:
-            extra[k] = json.loads(v)
-        except json.JSONDecodeError:
-            extra[k] = v
-    return merge_options(options_from_env(), s3_options(args.endpoint_url, args.profile, args.anon), extra)
+from swav_io.cliflags import add_storage_flags, storage_options
+from swav_io.errors import UserError
+from swav_io.storage import redact_text
 
 
 def _part(text: str) -> tuple[int, int]:
@@ -151,7 +129,8 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
                   f"--merge {num_parts}")
         return 0
     if args.shards_command == "index":
-        from pipeline.wdsindex import index_webdataset, summary_lines as index_summary
+        from pipeline.wdsindex import index_webdataset
+        from pipeline.wdsindex import summary_lines as index_summary
 
         exts = [e.strip() for e in args.image_ext.split(",") if e.strip()]
         if not exts:

@@ -24,8 +24,8 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 
 from pipeline.listing import SourceObject
-from shards.errors import UserError
 from shards.manifest import open_parquet
+from swav_io.errors import UserError
 
 log = logging.getLogger(__name__)
 BATCH = 65536
@@ -44,7 +44,7 @@ def from_list(list_url: str, src: str, fs: fsspec.AbstractFileSystem, root: str,
     root = root.rstrip("/")
     public = (url_prefix or src).rstrip("/")
     pos, outside, markers, example = 0, 0, 0, None
-    for batch in _batches(list_url, options):
+    for batch in list_batches(list_url, options):
         rels, sizes = _relative(batch, src, root, list_url)
         for rel, size in zip(rels, sizes):
             pos += 1
@@ -65,7 +65,7 @@ def from_list(list_url: str, src: str, fs: fsspec.AbstractFileSystem, root: str,
         raise UserError(f"{list_url} lists no objects under {public}")
 
 
-def _batches(list_url: str, options: dict | None) -> Iterator[pa.RecordBatch]:
+def list_batches(list_url: str, options: dict | None) -> Iterator[pa.RecordBatch]:
     try:
         yield from _read(list_url, options)
     except pa.ArrowInvalid as e:

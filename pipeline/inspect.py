@@ -11,12 +11,12 @@ import numpy as np
 import pyarrow.compute as pc
 from tqdm import tqdm
 
-from pipeline.merge import _manifests
+from pipeline.merge import manifest_paths
 from shards.index import load_index
 from shards.manifest import ACCEPTED, from_parquet_bytes
 from shards.members import UnsafeMember
-from shards.storage import get_fs, read_bytes, with_retries
 from shards.tario import iter_samples
+from swav_io.storage import get_fs, read_bytes, with_retries
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +30,7 @@ def info(url: str, options: dict | None = None) -> dict:
     by_status: dict[str, int] = {}
     by_reason: dict[str, int] = {}
     hist = np.zeros(len(SIZE_BINS) - 1, np.int64)
-    for m in _manifests(fs, root) if idx.image_extensions is None else []:
+    for m in manifest_paths(fs, root) if idx.image_extensions is None else []:
         table = from_parquet_bytes(read_bytes(fs, m), columns=["status", "reason", "width", "height"])
         for item in pc.value_counts(table["status"]).to_pylist():
             by_status[item["values"]] = by_status.get(item["values"], 0) + item["counts"]
@@ -98,7 +98,7 @@ def verify(url: str, options: dict | None = None, progress: bool = True) -> Veri
         path = fs._strip_protocol(idx.shard_url(i))
         report.shards += 1
         try:
-            data = with_retries(lambda: fs.cat_file(path), f"read {name}")
+            data = with_retries(lambda p=path: fs.cat_file(p), f"read {name}")
         except FileNotFoundError:
             report.problems.append(f"{name}: missing")
             continue

@@ -18,8 +18,7 @@ from typing import Iterator
 import fsspec
 from fsspec.asyn import sync
 
-from shards.storage import with_retries
-
+from swav_io.storage import with_retries
 
 # A name that is not UTF-8 (a local file system allows any bytes) cannot be a manifest string or a
 # hash input as it is. Its listing entry carries this mark, then the name with the bad bytes escaped

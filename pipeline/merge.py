@@ -15,18 +15,26 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pipeline.build import read_manifest, tool_version, _table_bytes
+import swav_io
 from pipeline.dupsearch import DuplicateSearch
 from shards import layout
-from shards.errors import UserError
-from shards.manifest import ACCEPTED, BUILT_INDEX_SCHEMA, REJECTED, from_parquet_bytes, to_parquet_bytes
-from shards.storage import get_fs, join, read_bytes, read_json, redact, redact_text, write_bytes, write_json
+from shards.manifest import (
+    ACCEPTED,
+    BUILT_INDEX_SCHEMA,
+    REJECTED,
+    from_parquet_bytes,
+    read_manifest,
+    table_to_parquet_bytes,
+    to_parquet_bytes,
+)
 from shards.tario import iter_samples, write_tar
+from swav_io.errors import UserError
+from swav_io.storage import get_fs, join, read_bytes, read_json, redact, redact_text, write_bytes, write_json
 
 log = logging.getLogger(__name__)
 
 
-def _manifests(fs, root: str) -> list[str]:
+def manifest_paths(fs, root: str) -> list[str]:
     path = join(root, layout.MANIFEST_DIR)
     if not fs.exists(path):
         return []
@@ -110,7 +118,7 @@ def _drop_from_shard(fs, root: str, manifest: str, keys: dict[str, str]) -> dict
             cols["detail"][i] = f"same normalised content as {keys[key]}"
             cols["key"][i] = cols["shard"][i] = None
     new = pa.Table.from_pydict(cols, schema=table.schema.remove_metadata())
-    write_bytes(fs, manifest, _table_bytes(new.replace_schema_metadata({"shard": json.dumps(entry)})))
+    write_bytes(fs, manifest, table_to_parquet_bytes(new.replace_schema_metadata({"shard": json.dumps(entry)})))
     log.info("dropped %d cross-part duplicate(s) from %s", len(keys), entry["name"])
     return entry
 
@@ -146,7 +154,7 @@ def merge(dst: str, num_parts: int, options: dict | None = None, source: str | N
             missing.append(str(part))
     if missing:
         raise UserError(f"cannot merge {dst}: part(s) {', '.join(missing)} of {num_parts} not finished")
-    manifests = _manifests(fs, root)
+    manifests = manifest_paths(fs, root)
     _check_parts(dst, records, manifests, num_parts)
     fingerprint = records[0]["fingerprint"]
     search = DuplicateSearch(work_dir) if num_parts > 1 else None
@@ -169,7 +177,7 @@ def merge(dst: str, num_parts: int, options: dict | None = None, source: str | N
     entries.sort(key=lambda e: e["name"])
     write_bytes(fs, join(root, layout.INDEX), to_parquet_bytes(entries, BUILT_INDEX_SCHEMA))
     record = {
-        "tool": "swav-stream", "version": tool_version(), "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "tool": "swav-stream", "version": swav_io.__version__, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "source": redact_text(source or fingerprint["source"]), "config": redact(
             fingerprint["config"]),  # the settings that shape the bytes, however the parts were run
         "num_parts": num_parts, "counts": counts, "reasons": reasons, "shards": len(entries),

@@ -24,7 +24,7 @@ import pyarrow.parquet as pq
 from pipeline.listing import SourceObject, printable
 from shards import layout
 from shards.manifest import open_parquet
-from shards.storage import join, read_json, with_retries, write_bytes
+from swav_io.storage import join, read_json, with_retries, write_bytes
 
 SNAPSHOT_SCHEMA = pa.schema([
     ("order", pa.uint64()),    # pack-order key: keyed hash of (seed, rel)

@@ -17,7 +17,7 @@ import sqlite3
 import tempfile
 from typing import Iterable
 
-from shards.storage import pid_alive
+from swav_io.system import pid_alive
 
 # The page cache SQLite may hold; the rest of the file stays on disk.
 CACHE_BYTES = 64 * 1024 * 1024

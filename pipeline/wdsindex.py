@@ -23,14 +23,14 @@ from typing import BinaryIO, Iterator, Sequence
 import fsspec
 import pyarrow as pa
 
+import swav_io
 from pipeline.listing import walk
 from shards import layout
-from shards.errors import UserError
 from shards.manifest import INDEX_SCHEMA, table_to_parquet_bytes
 from shards.members import IMAGE_EXTENSIONS
-from shards.storage import (explain, get_fs, join, read_json, redact_text, with_retries, write_bytes,
-                            write_json)
 from shards.tario import iter_webdataset_samples
+from swav_io.errors import UserError
+from swav_io.storage import explained, get_fs, join, read_json, redact_text, with_retries, write_bytes, write_json
 
 log = logging.getLogger(__name__)
 TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz")
@@ -105,7 +105,7 @@ def index_webdataset(source: str, dst: str, options: dict | None = None, threads
                       "bytes": [e.nbytes for e in kept], "sha256": [e.sha256 for e in kept]}, schema=INDEX_SCHEMA)
     write_bytes(dfs, join(dst_path, layout.INDEX), table_to_parquet_bytes(table))
     record = {
-        "tool": "swav-stream", "version": _version(), "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "tool": "swav-stream", "version": swav_io.__version__, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "format": "webdataset", "source": redact_text(source), "shard_root": redact_text(root),
         "image_extensions": exts, "shards": len(kept), "samples": sum(e.samples for e in kept),
         "bytes": sum(e.nbytes for e in kept),
@@ -132,23 +132,14 @@ def summary_lines(record: dict) -> list[str]:
     return lines
 
 
-def _version() -> str:
-    from pipeline.build import tool_version
-
-    return tool_version()
-
 
 def _refuse_built_set(fs: fsspec.AbstractFileSystem, path: str, dst: str) -> None:
     record_path = join(path, layout.BUILD_RECORD)
-    try:
+    with explained(dst):
         if fs.exists(record_path) and read_json(fs, record_path).get("format") != "webdataset":
             raise UserError(f"{dst} holds a shard set that `swav shards build` wrote; index into another prefix")
         if fs.exists(join(path, layout.MANIFEST_DIR)):
             raise UserError(f"{dst} holds a shard set being built (manifest/); index into another prefix")
-    except UserError:
-        raise
-    except Exception as e:  # noqa: BLE001
-        raise explain(e, dst) from None
 
 
 def _resolve(source: str, options: dict | None) -> tuple[str, list[str], dict[str, int]]:
@@ -159,10 +150,8 @@ def _resolve(source: str, options: dict | None) -> tuple[str, list[str], dict[st
         urls = list(braceexpand(source))
         return _common_root(urls) + (_no_sizes(),)
     fs, path = get_fs(source, options)
-    try:
+    with explained(source):
         is_file = fs.isfile(path)
-    except Exception as e:  # noqa: BLE001
-        raise explain(e, source) from None
     if is_file and source.lower().endswith(LIST_SUFFIXES):
         return _common_root(list(_listed(source, options))) + (_no_sizes(),)
     if is_file and source.lower().endswith(TAR_SUFFIXES):   # one tar, as webdataset itself accepts
@@ -173,13 +162,11 @@ def _resolve(source: str, options: dict | None) -> tuple[str, list[str], dict[st
                         f"({', '.join(LIST_SUFFIXES)})")
     prefix = source.rstrip("/")
     names, sizes = [], {}
-    try:
+    with explained(source):
         for obj in walk(fs, path, prefix):
             if obj.rel.lower().endswith(TAR_SUFFIXES):
                 names.append(obj.rel)
                 sizes[obj.rel] = obj.size
-    except Exception as e:  # noqa: BLE001
-        raise explain(e, source) from None
     names.sort()
     return prefix, names, sizes
 
@@ -210,9 +197,9 @@ def _common_root(urls: list[str]) -> tuple[str, list[str]]:
 
 
 def _listed(list_url: str, options: dict | None) -> Iterator[str]:
-    from pipeline.fromlist import _batches
+    from pipeline.fromlist import list_batches
 
-    for batch in _batches(list_url, options):
+    for batch in list_batches(list_url, options):
         names = batch.schema.names
         col = batch.column(names.index("url") if "url" in names else 0)
         for v in col.to_pylist():

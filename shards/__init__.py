@@ -5,4 +5,4 @@ a build record (see ``shards.layout``). ``shards.stream`` turns it into an
 endless, seeded, resumable stream of samples.
 """
 
-__version__ = "0.1.0"
+from swav_io import __version__  # noqa: F401  (one version source: the package metadata)

@@ -11,11 +11,12 @@ from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
+
 from shards import layout
-from shards.errors import UserError
 from shards.manifest import from_parquet_bytes
 from shards.members import IMAGE_EXTENSIONS
-from shards.storage import explain, get_fs, join, read_bytes, read_json
+from swav_io.errors import UserError
+from swav_io.storage import explained, get_fs, join, read_bytes, read_json
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +60,7 @@ class ShardIndex:
 def load_index(url: str, options: dict | None = None, require_record: bool = True) -> ShardIndex:
     fs, root = get_fs(url, options)
     record_path = join(root, layout.BUILD_RECORD)
-    try:
+    with explained(url):
         if not fs.exists(record_path):
             if require_record:
                 if fs.exists(join(root, layout.INDEX)) or fs.exists(join(root, layout.MANIFEST_DIR)):
@@ -70,10 +71,6 @@ def load_index(url: str, options: dict | None = None, require_record: bool = Tru
         else:
             record = read_json(fs, record_path)
         table = from_parquet_bytes(read_bytes(fs, join(root, layout.INDEX)))
-    except UserError:
-        raise
-    except Exception as e:  # noqa: BLE001
-        raise explain(e, url) from None
     return ShardIndex(url=url.rstrip("/"), names=table.column("name").combine_chunks(),
                       samples=table.column("samples").to_numpy(), nbytes=table.column("bytes").to_numpy(),
                       sha256=table.column("sha256"), record=record, generations=_generations(table))

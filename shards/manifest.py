@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import io
+import json
 
+import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+from swav_io.storage import read_bytes
 
 ACCEPTED = "accepted"
 REJECTED = "rejected"
@@ -81,3 +85,10 @@ def open_parquet(source) -> pq.ParquetFile:
 
 def from_parquet_bytes(data: bytes, columns: list[str] | None = None) -> pa.Table:
     return open_parquet(pa.BufferReader(data)).read(columns=columns, use_threads=False)
+
+
+def read_manifest(fs: fsspec.AbstractFileSystem, path: str) -> tuple[pa.Table, dict | None]:
+    """(table, shard entry) of one committed manifest."""
+    table = from_parquet_bytes(read_bytes(fs, path))
+    meta = table.schema.metadata or {}
+    return table, json.loads(meta[b"shard"]) if b"shard" in meta else None

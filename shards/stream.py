@@ -21,17 +21,18 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import time
 from typing import Callable, Iterator
 
 import numpy as np
 
-from shards.errors import UserError
 from shards.index import ShardIndex
 from shards.members import UnsafeMember
 from shards.passes import PassLayout, PassOrder
-from shards.storage import explain, get_fs, is_transient, pid_alive
 from shards.tario import iter_samples
+from swav_io import retry
+from swav_io.errors import UserError, is_access_problem, is_transient
+from swav_io.storage import explain, get_fs
+from swav_io.system import pid_alive
 
 log = logging.getLogger(__name__)
 
@@ -334,38 +335,38 @@ class ShardStream:
         """
         url = self.index.shard_url(shard)
         done = offset
-        failures = 0
-        while True:
-            yielded = [0]
 
-            def reject(reason: str, name: str) -> None:
-                if yielded[0] >= done:
-                    self._reject(reason, name)
-            try:
-                with self._open_url(url) as f:
-                    for sample in iter_samples(f, self.index.image_extensions, reject):
-                        yielded[0] += 1
-                        if yielded[0] <= done:
-                            continue
-                        done += 1
-                        yield sample
-                return
-            except (UnsafeMember, EOFError):
-                raise
-            except Exception as e:  # noqa: BLE001 - classified
-                failures += 1
-                named = explain(e, url)
-                if isinstance(e, PermissionError) or str(named).startswith(("access denied", "no credentials")) \
-                        or "NoSuchBucket" in str(e) or "ExpiredToken" in str(e):
-                    # Permanent for every shard, not a property of this one: stop the run, within seconds.
-                    raise StorageAccessError(f"{named}; fix the storage credentials and rerun the same command "
-                                             f"to resume from the last checkpoint") from None
-                if not is_transient(e) or failures > self.retries or isinstance(e, FileNotFoundError):
-                    raise OSError(f"{type(e).__name__}: {e}") from e
-                delay = 0.1 * 2 ** (failures - 1)
-                log.warning("reading %s failed (%s); retry %d/%d from sample %d in %.1fs", url, type(e).__name__,
-                            failures, self.retries, done, delay)
-                time.sleep(delay)
+        def retryable(e: BaseException) -> bool:
+            return isinstance(e, Exception) and not isinstance(e, (UnsafeMember, EOFError)) and is_transient(e)
+
+        try:
+            for attempt in retry.policy(f"reading {url}", attempts=self.retries + 1, base_delay=0.1,
+                                        retry_on=retryable):
+                with attempt:
+                    # A retry reopens the shard and skips the `done` samples already delivered.
+                    yielded = 0
+
+                    def reject(reason: str, name: str) -> None:
+                        # Late binding is the point: a left-out sample is reported only once this attempt has
+                        # caught up with what earlier ones delivered, so each is reported once per pass.
+                        if yielded >= done:  # noqa: B023
+                            self._reject(reason, name)
+
+                    with self._open_url(url) as f:
+                        for sample in iter_samples(f, self.index.image_extensions, reject):
+                            yielded += 1
+                            if yielded <= done:
+                                continue
+                            done += 1
+                            yield sample
+        except (UnsafeMember, EOFError):
+            raise
+        except Exception as e:  # noqa: BLE001 - classified
+            if is_access_problem(e):
+                # Permanent for every shard, not a property of this one: stop the run, within seconds.
+                raise StorageAccessError(f"{explain(e, url)}; fix the storage credentials and rerun the same command "
+                                         f"to resume from the last checkpoint") from None
+            raise OSError(f"{type(e).__name__}: {e}") from e
 
     def _reject(self, reason: str, name: str) -> None:
         n = self.stats.rejected[reason] = self.stats.rejected.get(reason, 0) + 1

@@ -5,7 +5,7 @@ from __future__ import annotations
 from importlib import resources
 from pathlib import Path
 
-from shards.errors import UserError
+from swav_io.errors import UserError
 
 
 def jobs_dir() -> Path:

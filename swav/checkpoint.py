@@ -30,8 +30,18 @@ from typing import Any, Callable
 
 import torch
 
-from shards.errors import UserError
-from shards.storage import explain, get_fs, join, read_bytes, upload_file, with_retries, write_bytes, write_json
+from swav_io.errors import UserError
+from swav_io.storage import (
+    explain,
+    explained,
+    get_fs,
+    join,
+    read_bytes,
+    upload_file,
+    with_retries,
+    write_bytes,
+    write_json,
+)
 
 log = logging.getLogger(__name__)
 
@@ -124,17 +134,13 @@ class CheckpointStore:
         return files
 
     def upload_bytes(self, tag: str, name: str, data: bytes) -> dict[str, int]:
-        try:
+        with explained(join(self.url, tag, name)):
             write_bytes(self.fs, join(self.root, tag, name), data)
-        except Exception as e:  # noqa: BLE001
-            raise explain(e, join(self.url, tag, name)) from None
         return {name: len(data)}
 
     def _upload(self, local: str, remote: str) -> None:
-        try:
+        with explained(remote):
             upload_file(self.fs, local, remote)
-        except Exception as e:  # noqa: BLE001
-            raise explain(e, remote) from None
         _maybe_inject_kill(remote)
 
     def publish(self, tag: str, step: int, world_size: int, files: dict[str, int], extra: dict | None = None) -> None:
@@ -172,12 +178,10 @@ class CheckpointStore:
     # -- reading -------------------------------------------------------------------------------
     def latest_tag(self) -> str | None:
         path = join(self.root, MARKER)
-        try:
+        with explained(join(self.url, MARKER)):
             if not with_retries(lambda: self.fs.exists(path), f"stat {path}"):
                 return None
             raw = read_bytes(self.fs, path)
-        except Exception as e:  # noqa: BLE001
-            raise explain(e, join(self.url, MARKER)) from None
         try:
             tag = json.loads(raw.decode("utf-8"))["tag"]
             if not isinstance(tag, str) or len(safe_parts(tag, "latest")) != 1:
@@ -231,10 +235,8 @@ class CheckpointStore:
             dest = local_path(local_dir, name, f"checkpoint {ref.url}")
             os.makedirs(os.path.dirname(dest), exist_ok=True)
             src = join(self.root, ref.tag, name)
-            try:
+            with explained(join(ref.url, name)):
                 with_retries(lambda s=src, d=dest: self.fs.get_file(s, d), f"download {name}")
-            except Exception as e:  # noqa: BLE001
-                raise explain(e, join(ref.url, name)) from None
         return local_dir
 
     def read_state(self, ref: CheckpointRef, rank: int) -> dict:
@@ -286,14 +288,10 @@ def resolve(url: str, options: dict | None = None, select: Callable[[dict], list
             ) -> CheckpointRef:
     """A checkpoint URL given by a user: a run's checkpoint root (uses `latest`) or one step's folder."""
     store = CheckpointStore(url, options)
-    try:
+    with explained(url):
         if store.fs.exists(join(store.root, MANIFEST)):
             parent, tag = store.url.rsplit("/", 1)
             return CheckpointStore(parent, options).open(tag, select)
-    except UserError:
-        raise
-    except Exception as e:  # noqa: BLE001
-        raise explain(e, url) from None
     ref = store.latest(select)
     if ref is None:
         raise UserError(f"no checkpoint at {url} (neither a '{MARKER}' marker nor a {MANIFEST})")
@@ -315,7 +313,7 @@ def _safe_globals() -> list:
     except ImportError:
         pass
     try:
-        from deepspeed.runtime.fp16.loss_scaler import LossScaler, DynamicLossScaler
+        from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
         allowed += [LossScaler, DynamicLossScaler]
     except ImportError:
         pass

@@ -8,11 +8,15 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
-from shards.errors import UserError
-from shards.storage import redact_text
-from shards.logs import setup_logging
+from pipeline.cli import register
+from swav import __version__
+from swav_io.cliflags import add_storage_flags, storage_options
+from swav_io.errors import UserError, debug_enabled, print_cause
+from swav_io.logs import setup_logging
+from swav_io.storage import merge_options, redact_text
 
 log = logging.getLogger("swav")
 
@@ -23,7 +27,7 @@ def _pretrain(args: argparse.Namespace) -> int:
 
     cfg = load_config(resolve_config(args.config), args.overrides)
     _apply_storage_flags(cfg, _opts(args))
-    from swav.train import pretrain   # after the config is checked: a typo is reported without loading torch
+    from swav.train import pretrain  # after the config is checked: a typo is reported without loading torch
 
     pretrain(cfg, dry_run=args.dry_run)
     return 0
@@ -101,26 +105,32 @@ def _peek(args: argparse.Namespace) -> int:
 def _apply_storage_flags(cfg, opts: dict) -> None:
     """The storage flags and SWAV_STORAGE_OPTIONS reach data and checkpoints alike; on top of the config's
     own storage_options, so a flag or the environment wins (as in `swav shards build`)."""
-    from shards.storage import merge_options
-
     if opts:
         cfg.data.storage_options = merge_options(cfg.data.storage_options, opts)
         cfg.checkpoint.storage_options = merge_options(cfg.checkpoint.storage_options, opts)
 
 
 def _opts(args: argparse.Namespace) -> dict:
-    from pipeline.cli import storage_options  # storage flags are shared, not pipeline logic
-
     return storage_options(args)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from pipeline.cli import add_storage_flags, register
-
     p = argparse.ArgumentParser(prog="swav", description="swav-stream: shard raw image buckets, stream-pretrain "
                                 "SwAV wide ResNet-50s with DeepSpeed, resume from cloud checkpoints.")
-    sub = p.add_subparsers(dest="command", metavar="{shards,pretrain,eval,export,report,demo}")
-    shards_sub = register(sub)
+    p.add_argument("--version", action="version", version=f"swav-stream {__version__}")
+    p.add_argument("--debug", action="store_true",
+                   help="after a one-line error, also print the exception it replaces (or set SWAV_DEBUG=1)")
+    sub = p.add_subparsers(dest="command", metavar="{shards,pretrain,jobs,eval,export,report,demo}")
+    _add_peek(register(sub))
+    _add_pretrain(sub)
+    _add_eval(sub)
+    _add_export(sub)
+    _add_report(sub)
+    _add_demo(sub)
+    return p
+
+
+def _add_peek(shards_sub: argparse._SubParsersAction) -> None:
     pk = shards_sub.add_parser("peek", help="what the trainer's batches hold: source URLs per batch, and a summary",
                                description="Run the training loader's split over ranks and workers (no "
                                            "augmentation) and write one JSON line per delivered batch: "
@@ -138,6 +148,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_storage_flags(pk)
     pk.set_defaults(func=_peek)
 
+
+def _add_pretrain(sub: argparse._SubParsersAction) -> None:
     pt = sub.add_parser("pretrain", help="SwAV pretraining from a shard set (one process or under deepspeed/torchrun)",
                         description="Run SwAV pretraining. CONFIG is a YAML file (see jobs/); overrides are dotted "
                                     "key=value pairs, e.g. train.steps=500 deepspeed.zero_stage=2. Rerunning the "
@@ -152,6 +164,8 @@ def build_parser() -> argparse.ArgumentParser:
                         description="The job YAMLs shipped with the package, and where they are installed.")
     jb.set_defaults(func=_jobs)
 
+
+def _add_eval(sub: argparse._SubParsersAction) -> None:
     ev = sub.add_parser("eval", help="kNN or linear-probe evaluation of frozen trunk features",
                         description="Evaluate frozen trunk features on a labelled image folder (class per "
                                     "sub-folder) or shard set with labels in the sample JSON.")
@@ -180,6 +194,8 @@ def build_parser() -> argparse.ArgumentParser:
         add_storage_flags(e)
     ev.set_defaults(func=_eval)
 
+
+def _add_export(sub: argparse._SubParsersAction) -> None:
     ex = sub.add_parser("export", help="export trunk (and optionally head) weights as a plain state_dict",
                         description="Export weights from any checkpoint URL, ZeRO-sharded ones included.")
     ex.add_argument("checkpoint", metavar="CHECKPOINT", help="checkpoint URL (run checkpoint dir or one step's)")
@@ -190,12 +206,16 @@ def build_parser() -> argparse.ArgumentParser:
     add_storage_flags(ex)
     ex.set_defaults(func=_export)
 
+
+def _add_report(sub: argparse._SubParsersAction) -> None:
     rp = sub.add_parser("report", help="plots and a summary table from a run's metrics.jsonl",
                         description="Turn RUN/metrics.jsonl into PNG plots and a markdown summary.")
     rp.add_argument("run", metavar="RUN", help="run directory (holds metrics.jsonl)")
     rp.add_argument("--out", default="", help="output folder (default: RUN/report)")
     rp.set_defaults(func=_report)
 
+
+def _add_demo(sub: argparse._SubParsersAction) -> None:
     dm = sub.add_parser("demo", help="the whole product end to end on this machine, in minutes",
                         description="Make an uncurated bucket from images shipped in scikit-image/scikit-learn, "
                                     "build shards, pretrain on 2 DeepSpeed ranks with a queue, stop midway, resume, "
@@ -207,7 +227,6 @@ def build_parser() -> argparse.ArgumentParser:
     dm.add_argument("--seed", type=int, default=None, help="training seed (default: jobs/demo.yaml's)")
     dm.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides of jobs/demo.yaml")
     dm.set_defaults(func=_demo)
-    return p
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -226,10 +245,14 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.command == "eval" and not args.eval_kind:
         parser.parse_args(["eval", "--help"])
+    if args.debug:
+        os.environ["SWAV_DEBUG"] = "1"  # the environment reaches ranks and workers started from here
     try:
         return int(args.func(args) or 0)
     except UserError as e:
         print(f"error: {redact_text(str(e))}", file=sys.stderr)
+        if debug_enabled():
+            print_cause(e)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

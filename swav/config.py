@@ -14,7 +14,7 @@ from typing import Any, Union
 
 import yaml
 
-from shards.errors import UserError
+from swav_io.errors import UserError
 
 
 @dataclass
@@ -299,6 +299,6 @@ def to_dict(cfg: Config) -> dict:
 
 
 def to_yaml(cfg: Config) -> str:
-    from shards.storage import redact
+    from swav_io.storage import redact
 
     return yaml.safe_dump(redact(to_dict(cfg)), sort_keys=False)

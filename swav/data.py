@@ -20,11 +20,11 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 from torchdata.stateful_dataloader import StatefulDataLoader
 
-from shards.errors import UserError
 from shards.index import load_index, open_shared_index, release_shared, share_index
 from shards.stream import ShardStream, check_resume
 from swav.augment import CropBatch
 from swav.multicrop import CropBatcher, MultiCrop
+from swav_io.errors import UserError
 
 log = logging.getLogger(__name__)
 

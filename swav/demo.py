@@ -21,8 +21,8 @@ import sys
 import time
 from pathlib import Path
 
-from shards.errors import UserError
 from swav.catalog import jobs_dir
+from swav_io.errors import UserError
 
 log = logging.getLogger("swav.demo")
 
@@ -32,7 +32,7 @@ RANDOM_SEEDS = tuple(range(7))   # other random inits for scale: the first five 
 
 def make_bucket(root: Path, photos: int = 48) -> dict:
     """The uncurated bucket: photos at many sizes, every digit as a PNG, and the odd cases."""
-    from pipeline.samplebucket import digits_folder, odd_cases, photo_bucket
+    from swav.demo_bucket import digits_folder, odd_cases, photo_bucket
 
     photo_bucket(root / "photos", photos, seed=0, min_side=300, max_side=1600)
     n_digits = digits_folder(root / "digits", size=64)
@@ -75,11 +75,10 @@ def _free_port() -> int:
 def run_demo(out: str = "demo-output", steps: int = 0, endpoint_url: str = "", fresh: bool = False,
              nproc: int = 2, seed: int | None = None, overrides: list[str] | None = None) -> dict:
     from pipeline.build import BuildConfig, build, summary_lines
-    from pipeline.samplebucket import digits_folder
+    from swav.config import load_config
+    from swav.demo_bucket import digits_folder
     from swav.evaluate import evaluate
     from swav.report import plot_knn, write_report
-
-    from swav.config import load_config
 
     t0 = time.time()
     overrides = [*(overrides or []), *([f"seed={seed}"] if seed is not None else [])]

@@ -71,7 +71,7 @@ def _sync_bn_group(size: int, world_size: int):
     import torch.distributed as dist
 
     if world_size % size:
-        from shards.errors import UserError
+        from swav_io.errors import UserError
         raise UserError(f"model.sync_bn_group_size={size} does not divide the world size {world_size}")
     rank, mine = dist.get_rank(), None
     for start in range(0, world_size, size):

@@ -24,9 +24,9 @@ import torch.nn.functional as F
 from PIL import Image
 from torchvision.transforms.v2 import functional as TF
 
-from shards.errors import UserError
 from swav.augment import MEAN, STD
 from swav.models import build_trunk
+from swav_io.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -129,8 +129,8 @@ def load_trunk(checkpoint: str, arch: str, random_init: bool, seed: int,
     """(trunk, description): from a checkpoint, or freshly initialised with the same architecture."""
     if random_init or not checkpoint:
         if not arch and checkpoint:
-            from swav.weights import checkpoint_config
             from swav import checkpoint as ckpt
+            from swav.weights import checkpoint_config
 
             arch = checkpoint_config(ckpt.resolve(checkpoint, options), options).model.arch
         if not arch:
@@ -181,7 +181,7 @@ def evaluate(kind: str, train: str, val: str, checkpoint: str = "", arch: str = 
 
 
 def run_eval_cli(args: argparse.Namespace) -> int:
-    from pipeline.cli import storage_options
+    from swav_io.cliflags import storage_options
 
     extra = {"epochs": args.epochs, "lr": args.lr, "weight_decay": args.weight_decay} if args.eval_kind == "linear" else {}
     res = evaluate(args.eval_kind, args.train, args.val, args.checkpoint, args.arch, args.random_init,

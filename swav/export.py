@@ -12,9 +12,9 @@ import io
 
 import torch
 
-from shards.errors import UserError
-from shards.storage import get_fs, write_bytes
 from swav.weights import load_model_state, trunk_state
+from swav_io.errors import UserError
+from swav_io.storage import get_fs, write_bytes
 
 
 def exported_state(model_state: dict[str, torch.Tensor], fmt: str, include_head: bool = False) -> dict:

@@ -14,7 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torchvision.models.resnet import Bottleneck
 
-from shards.errors import UserError
+from swav_io.errors import UserError
 
 _ARCH = re.compile(r"^resnet50(?:w(\d+(?:\.\d+)?))?$")
 _REFERENCE_HIDDEN = {1.0: 2048, 2.0: 8192, 4.0: 8192, 5.0: 10240}

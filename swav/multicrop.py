@@ -14,10 +14,10 @@ import math
 from typing import Sequence
 
 import numpy as np
-import torch
-from PIL import Image
-import torch.nn.functional as F
 import simplejpeg
+import torch
+import torch.nn.functional as F
+from PIL import Image
 
 from shards.stream import key_hash
 from swav.augment import BLUR_SIGMA, FLIP, N_PARAMS, P_BLUR, P_FLIP, CropBatch, photometric, sample_photometric

@@ -92,7 +92,7 @@ class _GroupAware:
 
     @torch.no_grad()
     def normalize_rows(self) -> None:
-        for gi, group in enumerate(self.param_groups):
+        for group in self.param_groups:
             d = group.get("normalize_rows", 0)
             if not d or group.get("frozen"):
                 continue  # a frozen group must not move at all, not even by rounding

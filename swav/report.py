@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import os
 
-from shards.errors import UserError
 from swav.metrics import read_metrics
+from swav_io.errors import UserError
 
 
 def plot_training(rows: list[dict], path: str) -> str:

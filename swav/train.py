@@ -12,7 +12,6 @@ endless stream whose position is checkpointed with everything else.
 from __future__ import annotations
 
 import contextlib
-import io
 import logging
 import math
 import os
@@ -27,8 +26,6 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from shards.errors import UserError
-from shards.logs import setup_logging
 from shards.stream import restart_plan, resume_plan
 from swav import checkpoint as ckpt
 from swav import distributed, reshard, staging
@@ -40,6 +37,8 @@ from swav.metrics import MetricsWriter, assignment_stats
 from swav.queue import EmbeddingQueue, local_queue_length
 from swav.schedules import warmup_cosine
 from swav.uploads import CheckpointUploads
+from swav_io.errors import UserError
+from swav_io.logs import setup_logging
 
 log = logging.getLogger("swav.train")
 
@@ -385,8 +384,8 @@ def _manifest_extra(cfg: Config, engine) -> dict:
 def _restore_metrics(cfg: Config, src: ckpt.CheckpointStore, ref) -> None:
     """A run directory without the history up to the checkpoint (a requeue on another node, a fresh
     run_dir) gets the copy saved with the checkpoint; steps logged after it are logged again."""
-    from shards.storage import join, read_bytes
     from swav.metrics import read_metrics
+    from swav_io.storage import join, read_bytes
 
     path = os.path.join(cfg.run_dir, "metrics.jsonl")
     if ckpt.METRICS not in ref.manifest["files"]:
@@ -402,9 +401,9 @@ def _restore_metrics(cfg: Config, src: ckpt.CheckpointStore, ref) -> None:
 
 def _warn_about_config_changes(cfg: Config, store: ckpt.CheckpointStore, ref) -> None:
     """Name every setting that differs from the checkpoint's config and changes what is trained."""
-    from shards.storage import join, read_bytes, redact
     from swav.config import to_dict
     from swav.config_diff import schedule_changes
+    from swav_io.storage import join, read_bytes, redact
 
     try:
         saved = read_bytes(store.fs, join(store.root, ref.tag, ckpt.CONFIG)).decode("utf-8")

@@ -23,9 +23,9 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from shards.errors import UserError
 from swav import checkpoint as ckpt
 from swav import distributed, staging
+from swav_io.errors import UserError
 
 log = logging.getLogger("swav.train")
 

@@ -9,9 +9,9 @@ import tempfile
 import torch
 import yaml
 
-from shards.errors import UserError
 from swav import checkpoint as ckpt
 from swav.config import Config, load_config
+from swav_io.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -20,7 +20,7 @@ MODEL_STATES = "mp_rank_00_model_states.pt"
 
 def checkpoint_config(ref: ckpt.CheckpointRef, options: dict | None) -> Config:
     store = ckpt.CheckpointStore(ref.root, options)
-    from shards.storage import join, read_bytes
+    from swav_io.storage import join, read_bytes
 
     raw = read_bytes(store.fs, join(store.root, ref.tag, ckpt.CONFIG)).decode("utf-8")
     return load_config(None, base=yaml.safe_load(raw))

@@ -23,7 +23,7 @@ REPO = Path(__file__).resolve().parent.parent
 @pytest.fixture(scope="session")
 def bucket(tmp_path_factory) -> tuple[Path, dict]:
     """Odd cases plus 24 photos at realistic sizes; returns (root, {relative path: expected reason})."""
-    from pipeline.samplebucket import odd_cases, photo_bucket
+    from swav.demo_bucket import odd_cases, photo_bucket
 
     root = tmp_path_factory.mktemp("bucket")
     expected = odd_cases(root)

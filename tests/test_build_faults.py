@@ -19,9 +19,9 @@ from pathlib import Path
 
 import psutil
 import pyarrow.parquet as pq
+from conftest import REPO, swav_cli
 from PIL import Image
 
-from conftest import REPO, swav_cli
 from pipeline.build import BuildConfig, build
 
 

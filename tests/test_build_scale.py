@@ -18,11 +18,11 @@ import psutil
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-
 from conftest import REPO, moto_auth, swav_cli
+from test_build_faults import jpegs, tree
+
 from pipeline.listing import walk
 from pipeline.order import order_key
-from test_build_faults import jpegs, tree
 
 FLAGS = ["--workers", "1", "--samples-per-shard", "4", "--no-progress"]
 

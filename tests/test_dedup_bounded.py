@@ -7,13 +7,12 @@ import os
 
 import numpy as np
 import pyarrow as pa
-import pytest
+from test_build_faults import jpegs, reasons
 
 from pipeline import dupsearch
 from pipeline.build import BuildConfig, build
 from pipeline.dupsearch import DuplicateSearch
 from pipeline.seen import SeenHashes, seen_path
-from test_build_faults import jpegs, reasons
 
 
 def test_the_hash_file_holds_committed_hashes_only(tmp_path):

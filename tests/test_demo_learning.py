@@ -15,7 +15,6 @@ import json
 import math
 
 import pytest
-
 from conftest import torchrun
 
 SEED = 6
@@ -39,8 +38,8 @@ MIN_KNN_GAIN = 0.7
 @pytest.fixture(scope="module")
 def demo_data(tmp_path_factory):
     from pipeline.build import BuildConfig, build
-    from pipeline.samplebucket import digits_folder
     from swav.demo import make_bucket
+    from swav.demo_bucket import digits_folder
 
     root = tmp_path_factory.mktemp("demo")
     make_bucket(root / "bucket")

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 import torchvision
-
 from conftest import swav_cli, torchrun
+
 from swav.evaluate import evaluate, knn_accuracy
 from swav.export import exported_state
 from swav.models import build_trunk
@@ -20,7 +20,7 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def digits(tmp_path_factory) -> tuple[Path, Path]:
-    from pipeline.samplebucket import digits_folder
+    from swav.demo_bucket import digits_folder
 
     root = tmp_path_factory.mktemp("digits")
     digits_folder(root / "train", split="train", size=32, limit=300)
@@ -127,12 +127,12 @@ def test_report_writes_plots_and_a_summary(rn50_run, tmp_path):
 
 def test_random_init_baseline_is_the_trunk_a_run_starts_from():
     """`--random-init --seed S` rebuilds exactly the trunk `pretrain` initialises with seed S (the demo's baseline)."""
+    from conftest import REPO
+
     from swav.config import load_config
     from swav.engine import build_model
     from swav.evaluate import load_trunk
     from swav.train import _seed_everything
-
-    from conftest import REPO
 
     cfg = load_config(str(REPO / "jobs" / "demo.yaml"))
     _seed_everything(cfg.seed, rank=1)

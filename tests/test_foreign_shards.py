@@ -17,9 +17,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import REPO, swav_cli
 from PIL import Image
 
-from conftest import REPO, swav_cli
 from shards.index import load_index
 from shards.stream import ShardStream, resume_plan
 from swav.config import load_config

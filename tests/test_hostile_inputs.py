@@ -3,14 +3,12 @@ outside SRC, S3 Inventory CSVs, credentials inside a source URL. Each is a count
 
 from __future__ import annotations
 
-import json
 import os
 import threading
 from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-
 from conftest import swav_cli
 from test_build_faults import jpegs, reasons, tree
 

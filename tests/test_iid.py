@@ -11,8 +11,9 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-
 from conftest import swav_cli
+from test_stream import synthetic_set
+
 from pipeline.build import BuildConfig, build, build_part
 from pipeline.merge import merge
 from shards import layout
@@ -20,7 +21,6 @@ from shards.index import load_index
 from shards.tario import iter_samples
 from swav.config import load_config
 from swav.peek import peek_batches, summarise
-from test_stream import synthetic_set
 
 # Largest per-shard total-variation distance between a 128-sample shard's class histogram and the
 # bucket's, over 50 pack-order seeds (simulated from pipeline.order.order_key): min 0.114, mean 0.150,
@@ -35,7 +35,7 @@ WINDOW1_MAX_CLASSES = 2.7
 
 @pytest.fixture(scope="module")
 def digits(tmp_path_factory):
-    from pipeline.samplebucket import digits_folder
+    from swav.demo_bucket import digits_folder
 
     root = tmp_path_factory.mktemp("iid")
     digits_folder(root / "digits", size=32)
@@ -199,7 +199,7 @@ def test_the_shuffle_window_mixes_even_one_class_per_shard(tmp_path):
 
 
 def test_the_old_mix_shards_key_names_its_new_name():
-    from shards.errors import UserError
+    from swav_io.errors import UserError
 
     with pytest.raises(UserError, match="'data.mix_shards' is now 'data.shuffle_window'"):
         load_config(None, ["data.mix_shards=4"])

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import REPO, swav_cli
+
 from swav.config import load_config
 from swav.engine import deepspeed_config
 from swav.models import SwAVModel
@@ -88,8 +88,8 @@ def test_dry_run_prints_the_resolved_config_and_warns_about_settings_that_do_not
 ])
 def test_configs_that_would_crash_or_mislead_are_refused(override, words):
     # In-process: the CLI's one-line rendering of these errors is covered above.
-    from shards.errors import UserError
     from swav.config import load_config
+    from swav_io.errors import UserError
 
     with pytest.raises(UserError, match=words):
         load_config(str(REPO / "jobs" / "tiny.yaml"), [override])

@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
+from conftest import REPO, swav_cli
 from PIL import Image
 
-from conftest import REPO, swav_cli
 from pipeline.build import BuildConfig, build, build_part
 from pipeline.inspect import verify
 from pipeline.merge import merge
@@ -107,7 +107,7 @@ def test_reading_a_set_starts_no_arrow_io_thread(shard_set, tmp_path):
         from pipeline.inspect import info, verify
         from pipeline.order import _run_rows
         from shards.manifest import table_to_parquet_bytes
-        from shards.storage import get_fs
+        from swav_io.storage import get_fs
         native = lambda: len(os.listdir("/proc/self/task")) - threading.active_count()
         before = native()
         info({str(shard_set)!r}); verify({str(shard_set)!r}, progress=False)

@@ -14,8 +14,8 @@ from pathlib import Path
 from typing import Iterator
 
 import pytest
-
 from conftest import REPO, free_port, swav_cli, torchrun
+
 from swav.metrics import read_metrics
 
 pytestmark = pytest.mark.slow

@@ -7,18 +7,14 @@ that needs no tar. `test_peek_*` read real tars through the training loader.
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from shards.index import ShardIndex
-from shards.passes import PassOrder, pass_assignment
+from shards.passes import pass_assignment
 from shards.stream import ShardStream
-from test_stream import synthetic_set
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -199,8 +195,8 @@ def test_a_grown_set_finishes_the_pass_in_progress_then_reads_the_new_shards():
 
 
 def test_a_set_that_lost_shards_is_a_named_error_that_says_how_to_continue():
-    from shards.errors import UserError
     from shards.stream import check_resume
+    from swav_io.errors import UserError
 
     old = named_index([f"a{i}" for i in range(6)], [30] * 6)
     s = ShardStream(old, 1, 0, 1, 4, reader=reader_by_name(old))

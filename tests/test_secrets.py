@@ -9,7 +9,8 @@ import sys
 from pathlib import Path
 
 from conftest import REPO, free_port, moto_auth, swav_cli
-from shards.storage import redact, redact_text
+
+from swav_io.storage import redact, redact_text
 
 AZURE = "DefaultEndpointsProtocol=https;AccountName=acct;AccountKey=c2VjcmV0LWtleQ==;EndpointSuffix=core.windows.net"
 

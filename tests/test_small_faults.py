@@ -5,15 +5,14 @@ from __future__ import annotations
 
 import os
 import tracemalloc
-from pathlib import Path
 
 import fsspec
+from test_stream import synthetic_set
 
 from shards.index import load_index
-from shards.storage import upload_file
 from shards.stream import ShardStream, _trim_cache
 from swav import staging
-from test_stream import synthetic_set
+from swav_io.storage import upload_file
 
 
 def test_two_nodes_sharing_a_stage_dir_get_folders_of_their_own(tmp_path):

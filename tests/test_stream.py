@@ -12,9 +12,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import moto_auth
 from PIL import Image
 
-from conftest import moto_auth
 from shards import layout
 from shards.index import load_index
 from shards.manifest import INDEX_SCHEMA, to_parquet_bytes
@@ -310,6 +310,7 @@ def test_shared_index_copies_left_by_killed_processes_are_removed_and_live_ones_
     import sys
 
     from conftest import REPO
+
     from shards.index import open_shared_index, release_shared, share_index
 
     folder = tmp_path / "tmp"

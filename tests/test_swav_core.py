@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 import torchvision
-
 from conftest import torchrun
+
 from swav.loss import swav_loss
 from swav.models import SwAVModel, build_trunk
 from swav.optim import LARS
@@ -221,8 +221,8 @@ def test_schedule_warmup_then_cosine():
 
 
 def test_checkpoint_names_are_data_never_paths(tmp_path):
-    from shards.errors import UserError
     from swav.checkpoint import local_path, safe_parts
+    from swav_io.errors import UserError
 
     root = tmp_path / "stage"
     root.mkdir()

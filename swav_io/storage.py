@@ -1,6 +1,6 @@
 """Every location is an fsspec URL plus storage options; this module is the only door.
 
-It adds what plain fsspec lacks for our use: retries with backoff on transient
+It adds what plain fsspec lacks for our use: retries (``swav_io.retry``) on transient
 errors, publish-style writes that are never seen half-done, one-line errors for
 missing buckets and credentials, and redaction of secrets before anything is
 printed or saved.
@@ -11,20 +11,28 @@ from __future__ import annotations
 import json
 import logging
 import os
-import random
 import re
 import shutil
-import time
 import uuid
-from typing import Any, Callable, TypeVar
+from contextlib import contextmanager
+from typing import Any, Iterator
 
 import fsspec
 from fsspec.core import url_to_fs
 
-from shards.errors import UserError
+from swav_io.errors import (
+    AccessDenied,
+    NotFound,
+    StorageUnavailable,
+    UserError,
+    causes,
+    is_access_problem,
+    store_error,
+)
+from swav_io.retry import with_retries
+from swav_io.trees import deep_merge
 
 log = logging.getLogger(__name__)
-T = TypeVar("T")
 
 _SECRET_WORDS = ("secret", "token", "password", "passwd", "credential", "session", "connection_string",
                  "connectionstring")
@@ -86,14 +94,8 @@ def s3_options(endpoint_url: str | None = None, profile: str | None = None, anon
 
 
 def merge_options(*parts: dict | None) -> dict:
-    out: dict = {}
-    for p in parts:
-        for k, v in (p or {}).items():
-            if isinstance(v, dict) and isinstance(out.get(k), dict):
-                out[k] = {**out[k], **v}
-            else:
-                out[k] = v
-    return out
+    """Storage options layered: later parts win, nested dicts (client_kwargs) merge."""
+    return deep_merge(*parts)
 
 
 def options_for(url: str, options: dict | None) -> dict:
@@ -117,46 +119,32 @@ def join(url: str, *parts: str) -> str:
     return out
 
 
-def is_transient(exc: BaseException) -> bool:
-    """Errors worth retrying: network hiccups, throttling, 5xx. Not: missing, forbidden, bad input."""
-    if isinstance(exc, (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError,
-                        UserError, ValueError, KeyError, TypeError)):
-        return False
-    if isinstance(exc, (ConnectionError, TimeoutError)):
-        return True
-    text = f"{type(exc).__name__} {exc}".lower()
-    markers = ("slowdown", "throttl", "timeout", "timed out", "connection", "reset", "503", "500",
-               "502", "504", "internalerror", "serviceunavailable", "temporarily", "broken pipe")
-    return isinstance(exc, OSError) or any(m in text for m in markers)
-
-
-def with_retries(fn: Callable[[], T], what: str, attempts: int = 5, base_delay: float = 0.2) -> T:
-    """Run fn, retrying transient errors with jittered exponential backoff."""
-    for attempt in range(1, attempts + 1):
-        try:
-            return fn()
-        except Exception as e:  # noqa: BLE001 - classified below
-            if attempt == attempts or not is_transient(e):
-                raise
-            delay = base_delay * (2 ** (attempt - 1)) * (0.5 + random.random())
-            log.warning("%s failed (%s: %s); retry %d/%d in %.1fs", what, type(e).__name__, e,
-                        attempt, attempts - 1, delay)
-            time.sleep(delay)
-    raise AssertionError("unreachable")
-
-
 def explain(exc: BaseException, url: str) -> UserError:
     """Turn storage exceptions a user can fix into a one-line error (credentials never in it)."""
     name = type(exc).__name__
     text = redact_text(str(exc))
+    first = text.splitlines()[0] if text else name
     url = redact_text(url)
-    if "NoCredentials" in name or "credentials" in text.lower() and "unable to locate" in text.lower():
-        return UserError(f"no credentials for {url}: set AWS_* variables, --profile, or --anon")
-    if isinstance(exc, PermissionError) or "AccessDenied" in text or "Forbidden" in text:
-        return UserError(f"access denied to {url}: {text.splitlines()[0] if text else name}")
-    if isinstance(exc, FileNotFoundError) or "NoSuchBucket" in text:
-        return UserError(f"not found: {url}")
-    return UserError(f"cannot access {url}: {name}: {text.splitlines()[0] if text else ''}")
+    if any(type(e).__name__ in ("NoCredentialsError", "PartialCredentialsError") for e in causes(exc)):
+        return AccessDenied(f"no credentials for {url}: set AWS_* variables, --profile, or --anon")
+    if isinstance(exc, FileNotFoundError) and store_error(exc)[0] == "NoSuchBucket":
+        return AccessDenied(f"not found: {url} (no such bucket)")
+    if is_access_problem(exc):
+        return AccessDenied(f"access denied to {url}: {first}")
+    if isinstance(exc, FileNotFoundError):
+        return NotFound(f"not found: {url}")
+    return StorageUnavailable(f"cannot access {url}: {name}: {first if text else ''}")
+
+
+@contextmanager
+def explained(url: str) -> Iterator[None]:
+    """Inside, a storage failure becomes a one-line error naming `url`; a UserError passes through as it is."""
+    try:
+        yield
+    except UserError:
+        raise
+    except Exception as e:  # noqa: BLE001 - every failure is named; --debug shows the original
+        raise explain(e, url) from e
 
 
 def read_bytes(fs: fsspec.AbstractFileSystem, path: str, what: str | None = None) -> bytes:
@@ -213,17 +201,6 @@ UPLOAD_CHUNK = 8 * 1024 * 1024
 
 def exists(fs: fsspec.AbstractFileSystem, path: str) -> bool:
     return with_retries(lambda: fs.exists(path), f"stat {path}")
-
-
-def pid_alive(pid: int) -> bool:
-    """Whether a process of this machine still runs: files named after a dead one are leftovers."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def remove_stale_temporaries(fs: fsspec.AbstractFileSystem, root: str, stem: str = "") -> int:

@@ -23,7 +23,7 @@ class _RedactingFormatter(logging.Formatter):
     """Every line, ours or a library's, loses URL-embedded credentials and connection-string secrets."""
 
     def format(self, record: logging.LogRecord) -> str:
-        from shards.storage import redact_text
+        from swav_io.storage import redact_text
 
         return redact_text(super().format(record))
 
