@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import os
-import signal
 import warnings
 from dataclasses import dataclass
 
@@ -40,14 +38,8 @@ def _reject(reason: str, detail: str, **extra) -> dict:
 
 
 def decode_job(data: bytes, cfg: NormaliseConfig) -> dict:
-    """What a decoder process runs: normalise(), behind a fault-injection hook for tests.
-
-    SWAV_FAULT_KILL_DECODER=PREFIX makes the process SIGKILL itself on any object whose bytes start with
-    PREFIX, the way the OOM killer or a codec segfault ends a decoder.
-    """
-    marker = os.environ.get("SWAV_FAULT_KILL_DECODER", "")
-    if marker and data.startswith(marker.encode("utf-8")):
-        os.kill(os.getpid(), signal.SIGKILL)
+    """What a decoder process runs. It calls normalise() through this module, so a test can wrap it
+    (tests/faults) in every decoder process."""
     return normalise(data, cfg)
 
 

@@ -141,7 +141,6 @@ class CheckpointStore:
     def _upload(self, local: str, remote: str) -> None:
         with explained(remote):
             upload_file(self.fs, local, remote)
-        _maybe_inject_kill(remote)
 
     def publish(self, tag: str, step: int, world_size: int, files: dict[str, int], extra: dict | None = None) -> None:
         """Rank 0, after every rank uploaded: the manifest, then the `latest` marker."""
@@ -265,23 +264,6 @@ def files_to_load(files: dict[str, int] | list[str], rank: int, same_world: bool
         mine = [n for n in own if "optim_states" in n] if same_world and zero_stage > 0 else []
         return shared, mine
     return ([], own) if same_world else (ds, [])
-
-
-_uploads_done = 0
-
-
-def _maybe_inject_kill(remote: str) -> None:
-    """Fault injection for tests: SWAV_FAULT_KILL_UPLOAD=STEP:N makes rank 0 SIGKILL itself after
-    uploading N files of the checkpoint at STEP, as a preempted machine would mid-upload."""
-    spec = os.environ.get("SWAV_FAULT_KILL_UPLOAD", "")
-    if not spec or f"/{rank_dir(0)}/" not in remote:
-        return
-    step, n = (int(x) for x in spec.split(":"))
-    if f"/{tag_for(step)}/" in remote:
-        global _uploads_done
-        _uploads_done += 1
-        if _uploads_done >= n:
-            os.kill(os.getpid(), 9)
 
 
 def resolve(url: str, options: dict | None = None, select: Callable[[dict], list[str]] | None = None

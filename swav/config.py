@@ -1,4 +1,4 @@
-"""Typed run configuration: dataclasses loaded from YAML, overridden by dotted ``key=value``.
+"""Typed run configuration: dataclasses loaded from YAML, overridden by dotted ``key=value`` (OmegaConf).
 
 Every knob a run uses is here, so one file (plus overrides) says everything about
 a run, and the resolved version is saved beside it.
@@ -6,201 +6,216 @@ a run, and the resolved version is saved beside it.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
-import types
+import re
 import typing
 from dataclasses import dataclass, field
-from typing import Any, Union
+from typing import Any
 
 import yaml
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from swav_io.errors import UserError
+from swav_io.storage import redact
+
+
+def knob(default: Any, doc: str, *, trains: bool = True) -> Any:
+    """A config field with its documentation; `trains=False` marks a setting that does not change what is
+    trained or in which order (where files go, how fast, how often we look): a resume may change it freely."""
+    meta = {"doc": doc, "trains": trains}
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: copy.deepcopy(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+def section(cls: type, doc: str, *, trains: bool = True) -> Any:
+    return field(default_factory=cls, metadata={"doc": doc, "trains": trains})
 
 
 @dataclass
 class DataConfig:
-    url: str = ""                       # shard set URL (any fsspec URL)
-    storage_options: dict = field(default_factory=dict)  # fsspec options; secrets are never saved
-    num_workers: int = 2                # DataLoader worker processes per rank
-    # The sample-level shuffle window, in pieces (whole shards, or ranges of one when the set has fewer
-    # shards than readers x window) open at once per consumer (rank x worker): each sample is drawn from
-    # one of them at random, so a batch of B spans ~min(B, W) of them. Independent of the set's size:
-    # 16 open pieces cost 16 file handles and reader buffers, at 1e3 or 1e9 images.
-    shuffle_window: int = 16
-    # On resume, start a fresh pass over the set as it is now instead of finishing the saved one: for a
-    # set whose shards were removed or rebuilt since the checkpoint (added shards need nothing).
-    restart_pass: bool = False
-    cache_dir: str = ""                 # local copy of remote shards ("" = stream without caching)
-    cache_max_bytes: int = 10 * 1024**3
-    prefetch_factor: int = 2
-    # Images whose header claims more pixels are skipped (and counted) before decoding: shards other
-    # tools wrote may hold anything, and one decompression bomb must not take a worker's memory.
-    max_pixels: int = 100_000_000
+    url: str = knob("", "shard set URL (any fsspec URL)")
+    storage_options: dict = knob({}, "fsspec options for the shard set; secrets are never saved", trains=False)
+    num_workers: int = knob(2, "DataLoader worker processes per rank", trains=False)
+    shuffle_window: int = knob(16, "sample-level shuffle window: pieces (whole shards, or ranges of one when the set "
+                               "has fewer shards than readers x window) open at once per reader (rank x worker); a "
+                               "batch of B spans about min(B, W) of them. Its cost does not grow with the set")
+    restart_pass: bool = knob(False, "on resume, start a fresh pass over the set as it is now instead of finishing "
+                              "the saved one: for a set whose shards were removed or rebuilt since the checkpoint")
+    cache_dir: str = knob("", "local copy of remote shards (\"\" = stream without caching)", trains=False)
+    cache_max_bytes: int = knob(10 * 1024**3, "size limit of cache_dir, least recently used shards go first",
+                                trains=False)
+    prefetch_factor: int = knob(2, "batches each DataLoader worker prepares ahead", trains=False)
+    max_pixels: int = knob(100_000_000, "images whose header claims more pixels are skipped and counted before "
+                           "decoding: one decompression bomb in a foreign shard must not take a worker's memory")
 
 
 @dataclass
 class CropsConfig:
-    size_crops: list[int] = field(default_factory=lambda: [224, 96])
-    num_crops: list[int] = field(default_factory=lambda: [2, 6])
-    min_scale_crops: list[float] = field(default_factory=lambda: [0.14, 0.05])
-    max_scale_crops: list[float] = field(default_factory=lambda: [1.0, 0.14])
-    augment_on: str = "cpu"             # cpu | device: where colour jitter, blur, flips and normalisation run
-    flip_prob: float = 0.5              # horizontal flips; 0 for data whose meaning is not mirror-symmetric (text, digits)
-    blur_prob: float = 0.5              # Gaussian blur, sigma uniform in blur_sigma (pixels of the output crop)
-    blur_sigma: list[float] = field(default_factory=lambda: [0.1, 2.0])
+    size_crops: list[int] = knob([224, 96], "output side of each crop group, in pixels")
+    num_crops: list[int] = knob([2, 6], "crops per group")
+    min_scale_crops: list[float] = knob([0.14, 0.05], "smallest area fraction of a random resized crop, per group")
+    max_scale_crops: list[float] = knob([1.0, 0.14], "largest area fraction of a random resized crop, per group")
+    augment_on: str = knob("cpu", "cpu | device: where colour jitter, blur, flips and normalisation run")
+    flip_prob: float = knob(0.5, "horizontal flip probability; 0 for data whose meaning is not mirror-symmetric")
+    blur_prob: float = knob(0.5, "Gaussian blur probability")
+    blur_sigma: list[float] = knob([0.1, 2.0], "blur sigma range [low, high], in pixels of the output crop")
 
 
 @dataclass
 class ModelConfig:
-    arch: str = "resnet50"              # resnet50, resnet50w2/w4/w5, or resnet50w0.25 style widths
-    hidden_mlp: int = 0                 # 0 = the reference's choice for the arch
-    feat_dim: int = 128
-    num_prototypes: Union[int, list[int]] = 3000
-    sync_bn: bool = True                # SyncBatchNorm on GPU (plain BatchNorm on CPU, with a warning)
-    sync_bn_group_size: int = 0         # ranks per SyncBN group (0 = all ranks)
-    channels_last: bool = True          # NHWC inputs (and ZeRO-0 weights on GPU)
+    arch: str = knob("resnet50", "resnet50, resnet50w2/w4/w5, or a width like resnet50w0.25")
+    hidden_mlp: int = knob(0, "projection head hidden width (0 = the reference's choice for the arch)")
+    feat_dim: int = knob(128, "projection output dimension")
+    num_prototypes: Any = knob(3000, "prototypes: an integer, or a list of integers for several heads")
+    sync_bn: bool = knob(True, "SyncBatchNorm on GPU (plain BatchNorm on CPU, with a warning)")
+    sync_bn_group_size: int = knob(0, "ranks per SyncBatchNorm group (0 = all ranks)")
+    channels_last: bool = knob(True, "NHWC inputs (and ZeRO-0 weights on GPU)")
 
 
 @dataclass
 class SwAVConfig:
-    crops_for_assign: list[int] = field(default_factory=lambda: [0, 1])
-    temperature: float = 0.1
-    epsilon: float = 0.05
-    sinkhorn_iterations: int = 3
-    queue_length: int = 0               # global queue length (rounded down to a multiple of global batch)
-    queue_start_step: int = 0
-    freeze_prototypes_steps: int = 313
+    crops_for_assign: list[int] = knob([0, 1], "crops whose codes are computed (indices into all crops)")
+    temperature: float = knob(0.1, "softmax temperature of the swapped prediction")
+    epsilon: float = knob(0.05, "Sinkhorn entropy regularisation")
+    sinkhorn_iterations: int = knob(3, "Sinkhorn-Knopp iterations")
+    queue_length: int = knob(0, "global queue length (rounded down to a multiple of the global batch; 0 = none)")
+    queue_start_step: int = knob(0, "step from which the queue is used")
+    freeze_prototypes_steps: int = knob(313, "steps during which the prototypes get no gradient")
 
 
 @dataclass
 class OptimConfig:
-    name: str = "lars"                  # lars | sgd | adamw
-    base_lr: float = 4.8
-    final_lr: float = 0.0048
-    start_warmup: float = 0.0
-    warmup_steps: int = 0
-    momentum: float = 0.9
-    weight_decay: float = 1e-6
-    trust_coefficient: float = 0.001
-    clip: bool = False
-    exclude_bias_and_bn: bool = False
+    name: str = knob("lars", "lars | sgd | adamw")
+    base_lr: float = knob(4.8, "learning rate after warmup")
+    final_lr: float = knob(0.0048, "learning rate at the last step (cosine decay)")
+    start_warmup: float = knob(0.0, "learning rate at step 0 (linear warmup)")
+    warmup_steps: int = knob(0, "linear warmup steps")
+    momentum: float = knob(0.9, "momentum (beta1 for adamw)")
+    weight_decay: float = knob(1e-6, "weight decay")
+    trust_coefficient: float = knob(0.001, "LARS trust coefficient")
+    clip: bool = knob(False, "LARS: clip the adaptive rate at 1 (LARC clip mode)")
+    exclude_bias_and_bn: bool = knob(False, "no weight decay and no LARS adaptation on biases and BatchNorm")
 
 
 @dataclass
 class TrainConfig:
-    steps: int = 1000
-    batch_size: int = 64                # per rank
-    log_every: int = 10
-    stop_after: int = 0                 # end the process after this step as if preempted (0 = never)
-    sync_every: int = 10                # ranks agree on preemption and check the loss every N steps (and at
-                                        # log and checkpoint steps): no host sync on the other steps
+    steps: int = knob(1000, "training steps")
+    batch_size: int = knob(64, "images per rank per step")
+    log_every: int = knob(10, "steps between log lines and metrics records", trains=False)
+    stop_after: int = knob(0, "end the process after this step as if preempted (0 = never)", trains=False)
+    sync_every: int = knob(10, "ranks agree on preemption and check the loss every N steps (and at log and "
+                           "checkpoint steps); no host sync on the other steps", trains=False)
 
 
 @dataclass
 class CheckpointConfig:
-    url: str = ""                       # "" = <run_dir>/checkpoints
-    every: int = 500
-    keep: int = 2
-    storage_options: dict = field(default_factory=dict)
-    stage_dir: str = ""                 # local staging, in a sub-folder per job ("" = the temp dir)
-    # A periodic save whose upload fails is logged and skipped; this many failures in a row stop the run.
-    max_failures: int = 3
+    url: str = knob("", "where checkpoints go, any fsspec URL (\"\" = <run_dir>/checkpoints)")
+    every: int = knob(500, "steps between checkpoints")
+    keep: int = knob(2, "published checkpoints kept; older ones are pruned")
+    storage_options: dict = knob({}, "fsspec options for the checkpoint store; secrets are never saved")
+    stage_dir: str = knob("", "local staging, in a sub-folder per job (\"\" = the temp dir)")
+    max_failures: int = knob(3, "failed periodic saves in a row that stop the run (a single one is logged)")
 
 
 @dataclass
 class DeepSpeedConfig:
-    zero_stage: int = 0
-    gradient_clipping: float = 0.0
-    extra: dict = field(default_factory=dict)   # merged into the generated DeepSpeed config
+    zero_stage: int = knob(0, "ZeRO stage 0-3")
+    gradient_clipping: float = knob(0.0, "DeepSpeed gradient clipping (0 = off)")
+    extra: dict = knob({}, "merged into the generated DeepSpeed config")
 
 
 @dataclass
 class Config:
-    seed: int = 31
-    run_dir: str = "runs/default"
-    precision: str = "fp32"             # fp32 | bf16
-    resume_from: str = ""               # a checkpoint URL; "" = continue from <checkpoint.url>/latest if any
-    data: DataConfig = field(default_factory=DataConfig)
-    crops: CropsConfig = field(default_factory=CropsConfig)
-    model: ModelConfig = field(default_factory=ModelConfig)
-    swav: SwAVConfig = field(default_factory=SwAVConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
-    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
-
-
-def _type_name(tp: Any) -> str:
-    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
-
-
-def _coerce(value: Any, tp: Any, key: str) -> Any:
-    origin = typing.get_origin(tp)
-    if origin in (Union, types.UnionType):
-        for arm in typing.get_args(tp):
-            try:
-                return _coerce(value, arm, key)
-            except UserError:
-                continue
-        raise UserError(f"config key '{key}' expects {_type_name(tp)}, got {value!r}")
-    if origin is list:
-        (item,) = typing.get_args(tp)
-        if not isinstance(value, (list, tuple)):
-            raise UserError(f"config key '{key}' expects a list, got {value!r}")
-        return [_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
-    if tp is dict or origin is dict:
-        if value is None:
-            return {}
-        if not isinstance(value, dict):
-            raise UserError(f"config key '{key}' expects a mapping, got {value!r}")
-        return dict(value)
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        raise UserError(f"config key '{key}' expects true/false, got {value!r}")
-    if tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        raise UserError(f"config key '{key}' expects an integer, got {value!r}")
-    if tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML 1.1 reads "1e-4" (no dot) as a string
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        raise UserError(f"config key '{key}' expects a number, got {value!r}")
-    if tp is str:
-        if isinstance(value, str):
-            return value
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return str(value)
-        raise UserError(f"config key '{key}' expects a string, got {value!r}")
-    raise UserError(f"config key '{key}' has an unsupported type {tp}")
+    seed: int = knob(31, "seed of the data order, crops and initialisation")
+    run_dir: str = knob("runs/default", "where the resolved config, logs and metrics go", trains=False)
+    precision: str = knob("fp32", "fp32 | bf16 (torch autocast; the prototypes stay fp32)")
+    resume_from: str = knob("", "a checkpoint URL (\"\" = continue from <checkpoint.url>/latest if any)",
+                            trains=False)
+    data: DataConfig = section(DataConfig, "the shard set and how it is read")
+    crops: CropsConfig = section(CropsConfig, "multi-crop views")
+    model: ModelConfig = section(ModelConfig, "trunk, projection head and prototypes")
+    swav: SwAVConfig = section(SwAVConfig, "codes, Sinkhorn, queue")
+    optim: OptimConfig = section(OptimConfig, "optimizer and learning-rate schedule")
+    train: TrainConfig = section(TrainConfig, "steps, batch, logging")
+    checkpoint: CheckpointConfig = section(CheckpointConfig, "where and how often state is saved", trains=False)
+    deepspeed: DeepSpeedConfig = section(DeepSpeedConfig, "ZeRO and DeepSpeed settings", trains=False)
 
 
 RENAMED = {"mix_shards": "shuffle_window"}
+_KINDS = {int: "an integer", float: "a number", bool: "true/false", str: "a string", dict: "a mapping"}
 
 
-def _apply(obj: Any, values: dict, prefix: str = "") -> None:
-    hints = typing.get_type_hints(type(obj))
-    names = {f.name for f in dataclasses.fields(obj)}
+def _hint(path: list[str]) -> Any:
+    """The declared type at a dotted path ('crops.size_crops[1]' is the list's item type)."""
+    tp: Any = Config
+    for part in path:
+        name = part.split("[", 1)[0]
+        tp = typing.get_type_hints(tp)[name]
+        if "[" in part:
+            (tp,) = typing.get_args(tp)
+    return tp
+
+
+def _check_keys(obj: type, values: dict, prefix: str = "") -> dict:
+    """Our messages for what OmegaConf would report less plainly: renamed, unknown and section keys.
+    A null dict becomes {} (YAML writes an empty mapping as nothing)."""
+    fields = {f.name: f for f in dataclasses.fields(obj)}
+    hints = typing.get_type_hints(obj)
+    out = {}
     for k, v in values.items():
         key = f"{prefix}{k}"
-        if k in RENAMED and RENAMED[k] in names:
+        if k in RENAMED and RENAMED[k] in fields:
             raise UserError(f"config key '{key}' is now '{prefix}{RENAMED[k]}'")
-        if k not in names:
-            raise UserError(f"unknown config key '{key}' (known here: {', '.join(sorted(names))})")
-        current = getattr(obj, k)
-        if dataclasses.is_dataclass(current):
+        if k not in fields:
+            raise UserError(f"unknown config key '{key}' (known here: {', '.join(sorted(fields))})")
+        if dataclasses.is_dataclass(hints[k]):
             if not isinstance(v, dict):
                 raise UserError(f"config key '{key}' is a section; give '{key}.<name>=...'")
-            _apply(current, v, f"{key}.")
-        else:
-            setattr(obj, k, _coerce(v, hints[k], key))
+            v = _check_keys(hints[k], v, f"{key}.")
+        elif hints[k] is dict and v is None:
+            v = {}
+        out[k] = v
+    return out
+
+
+def _merge(schema: Any, values: dict, where: str) -> Any:
+    try:
+        return OmegaConf.merge(schema, _check_keys(Config, values))
+    except OmegaConfBaseException as e:
+        key = e.full_key or "?"
+        kind = _KINDS.get(_hint(re.split(r"\.(?![^\[]*\])", key)) if e.full_key else None, "another type")
+        raise UserError(f"config key '{key}' expects {kind}, got {e.value!r} ({where})") from None
+
+
+def load_config(path: str | None = None, overrides: list[str] | None = None,
+                base: dict | None = None) -> Config:
+    """Defaults, then ``base``, then the YAML file, then overrides; each layer type-checked (OmegaConf)."""
+    schema = OmegaConf.structured(Config)
+    if base:
+        schema = _merge(schema, base, "built-in defaults")
+    if path:
+        try:
+            with open(path, encoding="utf-8") as f:
+                data = yaml.safe_load(f) or {}
+        except FileNotFoundError:
+            raise UserError(f"config file not found: {path}") from None
+        except yaml.YAMLError as e:
+            raise UserError(f"config file {path} is not valid YAML: {e}") from None
+        if not isinstance(data, dict):
+            raise UserError(f"config file {path} must hold a mapping")
+        schema = _merge(schema, data, path)
+    for text in overrides or []:
+        keys, value = parse_override(text)
+        schema = _merge(schema, nest(keys, value), f"override {text!r}")
+    try:
+        cfg = OmegaConf.to_object(schema)
+    except OmegaConfBaseException as e:  # an interpolation that does not resolve
+        raise UserError(f"config key '{e.full_key}': {str(e).splitlines()[0]}") from None
+    validate(cfg)
+    return cfg
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
@@ -226,31 +241,12 @@ def nest(path: list[str], value: Any) -> dict:
     return out
 
 
-def load_config(path: str | None = None, overrides: list[str] | None = None,
-                base: dict | None = None) -> Config:
-    """Defaults, then ``base``, then the YAML file, then overrides; each layer type-checked."""
-    cfg = Config()
-    if base:
-        _apply(cfg, base)
-    if path:
-        try:
-            with open(path, encoding="utf-8") as f:
-                data = yaml.safe_load(f) or {}
-        except FileNotFoundError:
-            raise UserError(f"config file not found: {path}") from None
-        except yaml.YAMLError as e:
-            raise UserError(f"config file {path} is not valid YAML: {e}") from None
-        if not isinstance(data, dict):
-            raise UserError(f"config file {path} must hold a mapping")
-        _apply(cfg, data)
-    for text in overrides or []:
-        keys, value = parse_override(text)
-        _apply(cfg, nest(keys, value))
-    validate(cfg)
-    return cfg
-
-
 def validate(cfg: Config) -> None:
+    """Checks across fields, and ranges, that the types alone do not express."""
+    p = cfg.model.num_prototypes
+    heads = p if isinstance(p, list) else [p]
+    if not heads or not all(isinstance(k, int) and not isinstance(k, bool) and k > 0 for k in heads):
+        raise UserError(f"config key 'model.num_prototypes' expects a positive integer or a list of them, got {p!r}")
     c = cfg.crops
     if not (len(c.size_crops) == len(c.num_crops) == len(c.min_scale_crops) == len(c.max_scale_crops)):
         raise UserError("crops.size_crops, num_crops, min_scale_crops and max_scale_crops must have equal lengths")
@@ -299,6 +295,4 @@ def to_dict(cfg: Config) -> dict:
 
 
 def to_yaml(cfg: Config) -> str:
-    from swav_io.storage import redact
-
     return yaml.safe_dump(redact(to_dict(cfg)), sort_keys=False)

@@ -2,13 +2,27 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import yaml
 
-# Settings that do not change what is trained or in which order: where things go, how fast, how often
-# we look. Everything else (schedule, recipe, the data and its order, model) is named when it differs on resume.
-_INERT = ("run_dir", "resume_from", "checkpoint.", "data.storage_options", "data.num_workers",
-          "data.prefetch_factor", "data.cache_dir", "data.cache_max_bytes", "train.log_every", "train.sync_every",
-          "train.stop_after", "deepspeed.")
+from swav.config import Config
+
+
+def inert_keys(cls: type = Config, prefix: str = "") -> tuple[str, ...]:
+    """Keys (a section's as 'name.') whose fields say `trains=False`: a resume may change them freely.
+    Everything else (schedule, recipe, the data and its order, model) is named when it differs on resume."""
+    out: list[str] = []
+    for f in dataclasses.fields(cls):
+        is_section = dataclasses.is_dataclass(f.default_factory)
+        if not f.metadata.get("trains", True):
+            out.append(f"{prefix}{f.name}." if is_section else f"{prefix}{f.name}")
+        elif is_section:
+            out.extend(inert_keys(f.default_factory, f"{prefix}{f.name}."))
+    return tuple(out)
+
+
+_INERT = inert_keys()
 
 
 def _flat(tree: dict, prefix: str = "") -> dict:

@@ -1,11 +1,10 @@
-"""Shared fixtures: a real uncurated bucket, a shard set built from it, an S3 server on loopback."""
+"""Shared fixtures: a real uncurated bucket, a shard set built from it, an S3 server on loopback.
+
+Helpers that tests import (subprocess runners, JPEG factories, synthetic sets) live in helpers.py."""
 
 from __future__ import annotations
 
 import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -16,9 +15,6 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("AWS_ACCESS_KEY_ID", "testing-key-id")
 os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "testing-secret-value")
 os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
-
-REPO = Path(__file__).resolve().parent.parent
-
 
 @pytest.fixture(scope="session")
 def bucket(tmp_path_factory) -> tuple[Path, dict]:
@@ -66,35 +62,6 @@ def s3(s3_server):
     fs.mkdir(name)
     fs.invalidate_cache()
     return fs, opts, name
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def swav_cli(*args: str, env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "swav.cli", *args], capture_output=True, text=True,
-                          cwd=REPO, env={**os.environ, **(env or {})}, timeout=timeout)
-
-
-def torchrun(nproc: int, *args: str, module: bool = True, env: dict | None = None,
-             timeout: int = 600) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-           "--master_port", str(free_port())]
-    cmd += ["-m", "swav.cli", *args] if module else list(args)
-    return subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env={**os.environ, **(env or {})},
-                          timeout=timeout)
-
-
-def moto_auth(endpoint: str, enforce: bool) -> None:
-    """moto's credential check: on, every request needs credentials the store knows; off, none is checked."""
-    import urllib.request
-
-    urllib.request.urlopen(urllib.request.Request(f"{endpoint}/moto-api/reset-auth",
-                                                  data=b"0" if enforce else b"inf",
-                                                  headers={"Content-Type": "text/plain"}, method="POST")).read()
 
 
 # `make test` runs two files at a time (pytest-xdist, --dist loadfile, in this order). The longest files go

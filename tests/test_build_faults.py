@@ -7,7 +7,6 @@ error and keeps every committed shard, and the rerun publishes what a clean buil
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import signal
@@ -19,8 +18,7 @@ from pathlib import Path
 
 import psutil
 import pyarrow.parquet as pq
-from conftest import REPO, swav_cli
-from PIL import Image
+from helpers import REPO, fault_env, flat_jpeg, swav_cli
 
 from pipeline.build import BuildConfig, build
 
@@ -43,10 +41,7 @@ def reasons(root: Path) -> dict[str, int]:
 def jpegs(folder: Path, n: int, side: int = 48) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     for i in range(n):
-        buf = io.BytesIO()
-        Image.new("RGB", (side + i % 7, side), ((i * 37) % 256, (i * 91) % 256, (i * 13) % 256)).save(
-            buf, format="JPEG", quality=90)
-        (folder / f"img-{i:04d}.jpg").write_bytes(buf.getvalue())
+        (folder / f"img-{i:04d}.jpg").write_bytes(flat_jpeg(i, side))
 
 
 def test_a_sigkilled_decoder_loses_no_object(bucket, shard_set, tmp_path):
@@ -92,7 +87,7 @@ def test_an_object_that_kills_its_decoder_twice_is_rejected_by_name(tmp_path):
     jpegs(src, 10)
     (src / "poison.jpg").write_bytes(b"POISON" + b"\xff" * 100)
     dst = tmp_path / "set"
-    r = swav_cli("shards", "build", str(src), str(dst), "--workers", "2", env={"SWAV_FAULT_KILL_DECODER": "POISON"})
+    r = swav_cli("shards", "build", str(src), str(dst), "--workers", "2", env=fault_env(SWAV_FAULT_KILL_DECODER="POISON"))
     assert r.returncode == 0, r.stderr[-2000:]
     assert reasons(dst) == {"decoder_crash": 1}
     assert json.loads((dst / "build.json").read_text())["counts"]["accepted"] == 10

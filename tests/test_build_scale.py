@@ -18,7 +18,7 @@ import psutil
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import REPO, moto_auth, swav_cli
+from helpers import REPO, moto_auth, swav_cli
 from test_build_faults import jpegs, tree
 
 from pipeline.listing import walk

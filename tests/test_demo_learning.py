@@ -15,7 +15,7 @@ import json
 import math
 
 import pytest
-from conftest import torchrun
+from helpers import torchrun
 
 SEED = 6
 STOP = 600

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 import torchvision
-from conftest import swav_cli, torchrun
+from helpers import swav_cli, torchrun
 
 from swav.evaluate import evaluate, knn_accuracy
 from swav.export import exported_state
@@ -127,7 +127,7 @@ def test_report_writes_plots_and_a_summary(rn50_run, tmp_path):
 
 def test_random_init_baseline_is_the_trunk_a_run_starts_from():
     """`--random-init --seed S` rebuilds exactly the trunk `pretrain` initialises with seed S (the demo's baseline)."""
-    from conftest import REPO
+    from helpers import REPO
 
     from swav.config import load_config
     from swav.engine import build_model

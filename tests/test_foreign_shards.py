@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import REPO, swav_cli
+from helpers import REPO, swav_cli
 from PIL import Image
 
 from shards.index import load_index

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-from conftest import swav_cli
+from helpers import swav_cli
 from test_build_faults import jpegs, reasons, tree
 
 FLAGS = ("--no-progress", "--workers", "1", "--samples-per-shard", "4")

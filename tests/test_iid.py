@@ -11,8 +11,7 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-from conftest import swav_cli
-from test_stream import synthetic_set
+from helpers import swav_cli, synthetic_set
 
 from pipeline.build import BuildConfig, build, build_part
 from pipeline.merge import merge

@@ -9,7 +9,7 @@ import sys
 import sysconfig
 from pathlib import Path
 
-from conftest import REPO
+from helpers import REPO
 
 
 def test_a_wheel_install_finds_its_jobs_from_any_directory(tmp_path):

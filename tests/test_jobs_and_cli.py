@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, swav_cli
+from helpers import REPO, swav_cli
 
 from swav.config import load_config
 from swav.engine import deepspeed_config

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 import torchvision.transforms.v2.functional as TF
+from helpers import photo_jpeg
 from PIL import Image
 
 from swav import augment as A
@@ -16,11 +17,7 @@ from swav.multicrop import MultiCrop
 
 @pytest.fixture(scope="module")
 def jpeg() -> bytes:
-    from swav.demo_bucket import packaged_photos
-
-    buf = io.BytesIO()
-    dict(packaged_photos())["astronaut"].resize((400, 300)).save(buf, format="JPEG", quality=90)
-    return buf.getvalue()
+    return photo_jpeg("astronaut", (400, 300))
 
 
 def test_views_in_config_order_with_the_right_shapes(jpeg):

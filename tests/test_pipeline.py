@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-from conftest import REPO, swav_cli
+from helpers import REPO, swav_cli
 from PIL import Image
 
 from pipeline.build import BuildConfig, build, build_part

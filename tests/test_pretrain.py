@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Iterator
 
 import pytest
-from conftest import REPO, free_port, swav_cli, torchrun
+from helpers import REPO, fault_env, free_port, swav_cli, torchrun
 
 from swav.metrics import read_metrics
 
@@ -97,7 +97,7 @@ def test_kill_during_checkpoint_upload_resumes_from_the_last_published_one(shard
     run = tmp_path / "run"
     temp, env = own_temp
     # Fault injection: rank 0 SIGKILLs itself after its first file upload of the step-4 checkpoint.
-    r = torchrun(2, *args(shard_set, run), env={"SWAV_FAULT_KILL_UPLOAD": "4:1", **env})
+    r = torchrun(2, *args(shard_set, run), env={**fault_env(SWAV_FAULT_KILL_UPLOAD="4:1"), **env})
     assert r.returncode != 0
     staged = [p for p in temp.glob("swav-stage-*/step-000000004/**/*") if p.is_file()]
     assert staged, f"the killed rank's staged files are left behind: {ours(temp)}"

@@ -8,7 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from conftest import REPO, free_port, moto_auth, swav_cli
+from helpers import REPO, free_port, moto_auth, swav_cli
 
 from swav_io.storage import redact, redact_text
 

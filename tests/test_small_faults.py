@@ -7,7 +7,7 @@ import os
 import tracemalloc
 
 import fsspec
-from test_stream import synthetic_set
+from helpers import synthetic_set
 
 from shards.index import load_index
 from shards.stream import ShardStream, _trim_cache

@@ -4,51 +4,20 @@ from __future__ import annotations
 
 import http.client
 import http.server
-import io
 import json
 import threading
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from conftest import moto_auth
-from PIL import Image
+from helpers import moto_auth, noise_jpeg, synthetic_set
 
 from shards import layout
 from shards.index import load_index
-from shards.manifest import INDEX_SCHEMA, to_parquet_bytes
+from shards.manifest import INDEX_SCHEMA
 from shards.stream import ShardStream, StorageAccessError, resume_plan
-from shards.tario import write_tar
 from swav.config import load_config
 from swav.data import build_loader
-
-
-def tiny_jpeg(seed: int, size: int = 40) -> bytes:
-    rng = np.random.default_rng(seed)
-    buf = io.BytesIO()
-    Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)).save(buf, format="JPEG", quality=70)
-    return buf.getvalue()
-
-
-def synthetic_set(root: Path, shards: int, per_shard: int, jpeg: bytes | None = None) -> Path:
-    """A published shard set written directly (the stream only needs tars, an index and a record)."""
-    import hashlib
-
-    root.mkdir(parents=True, exist_ok=True)
-    entries = []
-    for s in range(shards):
-        samples = [{"__key__": f"s{s:04d}-{i:05d}", "jpg": jpeg or tiny_jpeg(s * 1000 + i),
-                    "json": json.dumps({"url": f"mem://{s}/{i}"}).encode()} for i in range(per_shard)]
-        data = write_tar(samples)
-        name = layout.shard_name(0, 1, s)
-        (root / name).parent.mkdir(parents=True, exist_ok=True)
-        (root / name).write_bytes(data)
-        entries.append({"name": name, "samples": per_shard, "bytes": len(data),
-                        "sha256": hashlib.sha256(data).hexdigest()})
-    (root / layout.INDEX).write_bytes(to_parquet_bytes(entries, INDEX_SCHEMA))
-    (root / layout.BUILD_RECORD).write_text(json.dumps({"counts": {}}))
-    return root
 
 
 @pytest.fixture(scope="module")
@@ -239,7 +208,7 @@ def test_s3_stream_survives_connection_resets(tmp_path, s3):
 def test_memory_stays_flat_over_a_long_stream(tmp_path):
     import resource
 
-    root = synthetic_set(tmp_path / "big", shards=100, per_shard=500, jpeg=tiny_jpeg(0, 8))
+    root = synthetic_set(tmp_path / "big", shards=100, per_shard=500, jpeg=noise_jpeg(0, 8))
     idx = load_index(str(root))
     s = ShardStream(idx, 1, 0, 1, window=4)
     for _ in range(5000):
@@ -309,7 +278,7 @@ def test_shared_index_copies_left_by_killed_processes_are_removed_and_live_ones_
     import subprocess
     import sys
 
-    from conftest import REPO
+    from helpers import REPO
 
     from shards.index import open_shared_index, release_shared, share_index
 

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 import torchvision
-from conftest import torchrun
+from helpers import torchrun
 
 from swav.loss import swav_loss
 from swav.models import SwAVModel, build_trunk

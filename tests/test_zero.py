@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import torchrun
+from helpers import torchrun
 
 pytestmark = pytest.mark.slow
 
