@@ -33,6 +33,7 @@ from tqdm import tqdm
 
 from pipeline.fromlist import from_list
 from pipeline.listing import BAD_NAME, SourceObject, walk
+from pipeline.merge import merge
 from pipeline.normalise import NormaliseConfig, decode_job
 from pipeline.order import in_order, write_additions, write_snapshot
 from pipeline.seen import SeenHashes, manifest_digest, seen_path
@@ -412,6 +413,7 @@ def build_part(src: str, dst: str, cfg: BuildConfig, src_options: dict | None = 
 
     # Only this part's own leftovers: another part (or a copy of this one) may be writing right now.
     remove_stale_temporaries(dfs, droot, layout.part_stem(cfg.part, cfg.num_parts))
+
     def listing() -> Iterator[SourceObject]:
         if cfg.from_list:
             return from_list(cfg.from_list, src, fs, root, src_options, url_prefix=public)
@@ -437,13 +439,24 @@ def build_part(src: str, dst: str, cfg: BuildConfig, src_options: dict | None = 
             yield from in_order(dfs, droot, cfg.part, cfg.num_parts, current["runs"], root, public, skip=done_here,
                                 generation=generation)
 
-    processor = _Processor(fs, cfg)
     bar = tqdm(desc=f"shards build part {cfg.part}/{cfg.num_parts}" + (f" (addition {generation})" if generation else ""),
                unit="img", disable=not progress, total=current["rows"], initial=done_here,
                mininterval=1.0, smoothing=0.1)
+    _pack(todo(), _Processor(fs, cfg), writer, seen, bar)
+    result.seconds = time.time() - start
+    write_json(dfs, record_path, {"fingerprint": fingerprint, "part": cfg.part, "inputs": result.inputs,
+                                  "accepted": result.accepted, "reasons": result.reasons,
+                                  "shards": result.shards, "generations": generation + 1})
+    return result
+
+
+def _pack(objects: Iterator[SourceObject], processor: "_Processor", writer: "_PartWriter", seen: SeenHashes,
+          bar: tqdm) -> None:
+    """Decode and write every object in order, committing shards as they fill; then commit the last one."""
+    result = writer.result
     finished = False
     try:
-        for obj, out in processor.run(todo()):
+        for obj, out in processor.run(objects):
             writer.add(obj, out)
             bar.update(1)
             bar.set_postfix(accepted=result.accepted, rejected=result.rejected, shards=len(result.shards),
@@ -455,11 +468,6 @@ def build_part(src: str, dst: str, cfg: BuildConfig, src_options: dict | None = 
         processor.close()
         # Kept for a rerun to resume from; a finished part (or a later --incremental) rebuilds it.
         seen.close(remove=finished)
-    result.seconds = time.time() - start
-    write_json(dfs, record_path, {"fingerprint": fingerprint, "part": cfg.part, "inputs": result.inputs,
-                                  "accepted": result.accepted, "reasons": result.reasons,
-                                  "shards": result.shards, "generations": generation + 1})
-    return result
 
 
 def _check_layout(dfs, droot: str, dst: str, cfg: BuildConfig) -> None:
@@ -503,8 +511,6 @@ def build(src: str, dst: str, cfg: BuildConfig, src_options: dict | None = None,
     """Build a part; a single-part build also publishes the index and build record."""
     result = build_part(src, dst, cfg, src_options, dst_options, progress)
     if cfg.num_parts == 1:
-        from pipeline.merge import merge
-
         merge(dst, 1, dst_options, source=src)
     return result
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import logging
 from dataclasses import dataclass, field
@@ -108,8 +109,6 @@ def verify(url: str, options: dict | None = None, progress: bool = True) -> Veri
             report.problems.append(f"{name}: sha256 differs from the index")
         count = 0
         try:
-            import io
-
             for s in iter_samples(io.BytesIO(data), foreign):
                 if foreign is not None:   # another tool's tar: its metadata is its own business
                     count += 1

@@ -24,6 +24,7 @@ import fsspec
 import pyarrow as pa
 
 import swav_io
+from pipeline.fromlist import list_batches
 from pipeline.listing import walk
 from shards import layout
 from shards.manifest import INDEX_SCHEMA, table_to_parquet_bytes
@@ -197,8 +198,6 @@ def _common_root(urls: list[str]) -> tuple[str, list[str]]:
 
 
 def _listed(list_url: str, options: dict | None) -> Iterator[str]:
-    from pipeline.fromlist import list_batches
-
     for batch in list_batches(list_url, options):
         names = batch.schema.names
         col = batch.column(names.index("url") if "url" in names else 0)

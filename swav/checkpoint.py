@@ -21,9 +21,11 @@ from __future__ import annotations
 
 import collections
 import enum
+import io
 import json
 import logging
 import os
+import pickle
 import shutil
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -304,9 +306,6 @@ def _safe_globals() -> list:
 
 def safe_load(source: str | bytes, map_location: Any = "cpu", what: str = "") -> Any:
     """torch.load with weights_only=True (plus the few types DeepSpeed stores) from a path or bytes."""
-    import io
-    import pickle
-
     what = what or (os.path.basename(source) if isinstance(source, str) else "a checkpoint file")
     try:
         with torch.serialization.safe_globals(_safe_globals()):

@@ -8,6 +8,7 @@ worker's business; StatefulDataLoader records that state per delivered batch.
 from __future__ import annotations
 
 import atexit
+import dataclasses
 import json
 import logging
 import os
@@ -29,6 +30,22 @@ from swav_io.errors import UserError
 log = logging.getLogger(__name__)
 
 
+@dataclasses.dataclass
+class WorkerError:
+    """A named error raised in a DataLoader worker, delivered as data so it keeps its type and words."""
+
+    kind: type
+    message: str
+
+
+def next_batch(it: Iterator) -> CropBatch | dict:
+    """The loader's next batch; a worker's named error is raised here as itself, one line."""
+    batch = next(it)
+    if isinstance(batch, WorkerError):
+        raise batch.kind(batch.message)
+    return batch
+
+
 class _Batches:
     """Iterator of CropBatch over one consumer's ShardStream; its state is the stream's.
 
@@ -45,7 +62,16 @@ class _Batches:
     def __iter__(self) -> "_Batches":
         return self
 
-    def __next__(self) -> CropBatch | dict:
+    def __next__(self) -> CropBatch | dict | WorkerError:
+        try:
+            return self._next()
+        except UserError as e:
+            if get_worker_info() is None:
+                raise
+            # The DataLoader would re-raise it with the worker's traceback as its message.
+            return WorkerError(type(e), str(e))
+
+    def _next(self) -> CropBatch | dict:
         self.stream.begin_batch()
         if self.describe:
             samples = [next(self.stream) for _ in range(self.batch_size)]

@@ -16,12 +16,19 @@ import logging
 import math
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+from pipeline.build import BuildConfig, build, summary_lines
 from swav.catalog import jobs_dir
+from swav.config import load_config
+from swav.demo_bucket import digits_folder, odd_cases, photo_bucket
+from swav.evaluate import evaluate
+from swav.metrics import read_metrics
+from swav.report import plot_knn, summary_table, write_report
 from swav_io.errors import UserError
 
 log = logging.getLogger("swav.demo")
@@ -32,8 +39,6 @@ RANDOM_SEEDS = tuple(range(7))   # other random inits for scale: the first five 
 
 def make_bucket(root: Path, photos: int = 48) -> dict:
     """The uncurated bucket: photos at many sizes, every digit as a PNG, and the odd cases."""
-    from swav.demo_bucket import digits_folder, odd_cases, photo_bucket
-
     photo_bucket(root / "photos", photos, seed=0, min_side=300, max_side=1600)
     n_digits = digits_folder(root / "digits", size=64)
     odd = odd_cases(root / "uploads", rel_prefix="uploads/")
@@ -65,8 +70,6 @@ def _torchrun(nproc: int, args: list[str], log_path: Path) -> int:
 
 
 def _free_port() -> int:
-    import socket
-
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -74,12 +77,6 @@ def _free_port() -> int:
 
 def run_demo(out: str = "demo-output", steps: int = 0, endpoint_url: str = "", fresh: bool = False,
              nproc: int = 2, seed: int | None = None, overrides: list[str] | None = None) -> dict:
-    from pipeline.build import BuildConfig, build, summary_lines
-    from swav.config import load_config
-    from swav.demo_bucket import digits_folder
-    from swav.evaluate import evaluate
-    from swav.report import plot_knn, write_report
-
     t0 = time.time()
     overrides = [*(overrides or []), *([f"seed={seed}"] if seed is not None else [])]
     job = load_config(str(DEMO_CONFIG), overrides)
@@ -118,11 +115,33 @@ def run_demo(out: str = "demo-output", steps: int = 0, endpoint_url: str = "", f
             print("    ... stopped as if preempted; rerunning the same command resumes from the checkpoint", flush=True)
 
     print("4/5 evaluating: kNN on handwritten digits, pretrained vs random-init trunk ...", flush=True)
+    ckpt_url = str(run / "checkpoints")
+    pre, rnd = _evaluate(root, ckpt_url, job)
+    others = list(rnd["other_seeds_knn20_top1"].values())
+    evals = {"pretrained": pre, "random_init": rnd}
+    (root / "eval.json").write_text(json.dumps(evals, indent=2))
+
+    print("5/5 writing the report ...", flush=True)
+    pngs = write_report(str(run), str(root / "report"))
+    knn_png = plot_knn({"random init (same seed)": rnd["knn20_top1"], "SwAV pretrained": pre["knn20_top1"]},
+                       str(root / "report" / "knn.png"), "digits kNN (k=20) top-1 %")
+    rows = read_metrics(str(run / "metrics.jsonl"))
+    md = root / "report" / "README.md"
+    md.write_text(_report_markdown(result, rows, pre, rnd, time.time() - t0))
+    summary = {"report": str(md), "plots": [pngs[0], knn_png], "checkpoints": ckpt_url, "shards": str(shards),
+               "knn20_pretrained": pre["knn20_top1"], "knn20_random": rnd["knn20_top1"],
+               "knn20_random_other_seeds": others,
+               "first_loss": rows[0]["loss"], "last_loss": rows[-1]["loss"], "seconds": time.time() - t0}
+    _print_closing(summary, rows)
+    return summary
+
+
+def _evaluate(root: Path, ckpt_url: str, job) -> tuple[dict, dict]:
+    """kNN on digits of the pretrained trunk, and of the random init it started from (plus other seeds)."""
     train_dir, val_dir = root / "digits-train", root / "digits-val"
     if not train_dir.exists():
         digits_folder(train_dir, split="train", size=64)
         digits_folder(val_dir, split="val", size=64)
-    ckpt_url = str(run / "checkpoints")
     # Features are taken at the size the trunk was trained to see (its large views).
     size = job.crops.size_crops[0]
     pre = evaluate("knn", str(train_dir), str(val_dir), checkpoint=ckpt_url, image_size=size, seed=0)
@@ -135,29 +154,10 @@ def run_demo(out: str = "demo-output", steps: int = 0, endpoint_url: str = "", f
     others = [evaluate("knn", str(train_dir), str(val_dir), checkpoint=ckpt_url, random_init=True, image_size=size,
                        seed=s)["knn20_top1"] for s in other_seeds]
     rnd["other_seeds_knn20_top1"] = dict(zip(other_seeds, others))
-    evals = {"pretrained": pre, "random_init": rnd}
-    (root / "eval.json").write_text(json.dumps(evals, indent=2))
-
-    print("5/5 writing the report ...", flush=True)
-    pngs = write_report(str(run), str(root / "report"))
-    knn_png = plot_knn({"random init (same seed)": rnd["knn20_top1"], "SwAV pretrained": pre["knn20_top1"]},
-                       str(root / "report" / "knn.png"), "digits kNN (k=20) top-1 %")
-    from swav.metrics import read_metrics
-
-    rows = read_metrics(str(run / "metrics.jsonl"))
-    md = root / "report" / "README.md"
-    md.write_text(_report_markdown(result, rows, pre, rnd, time.time() - t0))
-    summary = {"report": str(md), "plots": [pngs[0], knn_png], "checkpoints": ckpt_url, "shards": str(shards),
-               "knn20_pretrained": pre["knn20_top1"], "knn20_random": rnd["knn20_top1"],
-               "knn20_random_other_seeds": others,
-               "first_loss": rows[0]["loss"], "last_loss": rows[-1]["loss"], "seconds": time.time() - t0}
-    _print_closing(summary, rows)
-    return summary
+    return pre, rnd
 
 
 def _report_markdown(result, rows: list[dict], pre: dict, rnd: dict, seconds: float) -> str:
-    from swav.report import summary_table
-
     return (f"# swav-stream demo\n\nRan in {seconds / 60:.1f} minutes.\n\n## Shards\n\n"
             f"{result.inputs} objects in, {result.accepted} accepted; rejections: "
             f"{', '.join(f'{k} {v}' for k, v in sorted(result.reasons.items())) or 'none'}.\n\n"

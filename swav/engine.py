@@ -15,9 +15,12 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from swav.checkpoint import install_safe_loading
 from swav.config import Config
 from swav.models import SwAVModel
 from swav.optim import build_optimizer
+from swav.zero_layout import zero3_layouts, zero12_layouts
+from swav_io.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +74,6 @@ def _sync_bn_group(size: int, world_size: int):
     import torch.distributed as dist
 
     if world_size % size:
-        from swav_io.errors import UserError
         raise UserError(f"model.sync_bn_group_size={size} does not divide the world size {world_size}")
     rank, mine = dist.get_rank(), None
     for start in range(0, world_size, size):
@@ -95,14 +97,9 @@ def build_engine(cfg: Config, model: nn.Module, world_size: int):
     # ZeRO hands the optimizer flat partitions: the layouts let LARS use whole-layer norms and renormalise
     # prototype rows exactly, whichever rank holds which slice of a row.
     if stage in (1, 2):
-        from swav.zero_layout import zero12_layouts
-
         optimizer.set_layouts(zero12_layouts(engine.optimizer, groups_params))
     elif stage == 3:
-        from swav.zero_layout import zero3_layouts
-
         optimizer.set_layouts(zero3_layouts(engine.optimizer, groups_params))
-    from swav.checkpoint import install_safe_loading
 
     install_safe_loading(engine)
     return engine, optimizer

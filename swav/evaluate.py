@@ -24,8 +24,12 @@ import torch.nn.functional as F
 from PIL import Image
 from torchvision.transforms.v2 import functional as TF
 
+from swav import checkpoint as ckpt
 from swav.augment import MEAN, STD
+from swav.labelled import iter_labelled
 from swav.models import build_trunk
+from swav.weights import checkpoint_config, load_model_state, trunk_state
+from swav_io.cliflags import storage_options
 from swav_io.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -129,15 +133,11 @@ def load_trunk(checkpoint: str, arch: str, random_init: bool, seed: int,
     """(trunk, description): from a checkpoint, or freshly initialised with the same architecture."""
     if random_init or not checkpoint:
         if not arch and checkpoint:
-            from swav import checkpoint as ckpt
-            from swav.weights import checkpoint_config
-
             arch = checkpoint_config(ckpt.resolve(checkpoint, options), options).model.arch
         if not arch:
             raise UserError("give --checkpoint, or --random-init with --arch")
         torch.manual_seed(seed)
         return build_trunk(arch), f"random init {arch} (seed {seed})"
-    from swav.weights import load_model_state, trunk_state
 
     state, cfg, ref = load_model_state(checkpoint, options)
     trunk = build_trunk(arch or cfg.model.arch)
@@ -149,8 +149,6 @@ def evaluate(kind: str, train: str, val: str, checkpoint: str = "", arch: str = 
              image_size: int = 224, batch_size: int = 64, seed: int = 0, options: dict | None = None,
              epochs: int = 100, lr: float = 0.3, weight_decay: float = 1e-6, device: str = "cpu",
              label: str = "folder", progress: bool = False) -> dict:
-    from swav.labelled import iter_labelled
-
     torch.manual_seed(seed)
     try:
         device = str(torch.device(device))
@@ -181,8 +179,6 @@ def evaluate(kind: str, train: str, val: str, checkpoint: str = "", arch: str = 
 
 
 def run_eval_cli(args: argparse.Namespace) -> int:
-    from swav_io.cliflags import storage_options
-
     extra = {"epochs": args.epochs, "lr": args.lr, "weight_decay": args.weight_decay} if args.eval_kind == "linear" else {}
     res = evaluate(args.eval_kind, args.train, args.val, args.checkpoint, args.arch, args.random_init,
                    args.image_size, args.batch_size, args.seed, storage_options(args), device=args.device,

@@ -8,7 +8,10 @@ import json
 import os
 from typing import Iterator
 
+from shards.index import load_index
+from shards.tario import iter_samples
 from swav_io.errors import UserError
+from swav_io.storage import get_fs
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 LABEL_SOURCES = "folder | json:FIELD | cls"
@@ -44,10 +47,6 @@ def _folder(path: str) -> Iterator[tuple[bytes, str]]:
 
 
 def _shard_set(url: str, label: str, options: dict | None) -> Iterator[tuple[bytes, str]]:
-    from shards.index import load_index
-    from shards.tario import iter_samples
-    from swav_io.storage import get_fs
-
     pick = _labeller(label, url)
     idx = load_index(url, options)
     fs, _ = get_fs(idx.shard_url(0), options)

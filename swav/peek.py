@@ -12,7 +12,8 @@ import json
 from collections import Counter
 from typing import Any, TextIO
 
-from swav.data import build_loader
+from shards.index import load_index
+from swav.data import build_loader, next_batch
 
 
 def folder(url: str) -> str:
@@ -24,8 +25,6 @@ def folder(url: str) -> str:
 
 def one_pass_batches(cfg: Any, ranks: int, cap: int = 1000) -> int:
     """Batches per rank that together hold as many samples as the set (at least 1, at most `cap`)."""
-    from shards.index import load_index
-
     total = int(load_index(cfg.data.url, cfg.data.storage_options).samples.sum())
     return max(1, min(cap, total // (ranks * cfg.train.batch_size)))
 
@@ -37,7 +36,7 @@ def peek_batches(cfg: Any, ranks: int, batches: int, out: TextIO | None = None) 
         loader = build_loader(cfg, rank, ranks, describe=True)
         it = iter(loader)
         for b in range(batches):
-            got = next(it)
+            got = next_batch(it)
             row = {"rank": rank, "batch": b, "urls": got["urls"], "shards": got["shards"], "ids": got["ids"]}
             rows.append(row)
             if out is not None:

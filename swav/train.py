@@ -29,16 +29,18 @@ from tqdm import tqdm
 from shards.stream import restart_plan, resume_plan
 from swav import checkpoint as ckpt
 from swav import distributed, reshard, staging
-from swav.config import Config, to_yaml
-from swav.data import build_loader, stream_states
+from swav.config import Config, to_dict, to_yaml
+from swav.config_diff import schedule_changes
+from swav.data import build_loader, next_batch, stream_states
 from swav.engine import apply_channels_last, build_engine, build_model, set_step_hyperparams
 from swav.loss import swav_loss
-from swav.metrics import MetricsWriter, assignment_stats
+from swav.metrics import MetricsWriter, assignment_stats, read_metrics
 from swav.queue import EmbeddingQueue, local_queue_length
 from swav.schedules import warmup_cosine
 from swav.uploads import CheckpointUploads
 from swav_io.errors import UserError
 from swav_io.logs import setup_logging
+from swav_io.storage import join, read_bytes, redact
 
 log = logging.getLogger("swav.train")
 
@@ -81,17 +83,6 @@ class _Preemption:
     def __exit__(self, *exc) -> None:
         for sig, old in self._old.items():
             signal.signal(sig, old)
-
-
-def _next_batch(it):
-    """The next batch; a named error raised in a DataLoader worker stays a one-line named error here."""
-    try:
-        return next(it)
-    except UserError as e:
-        # The DataLoader re-raises a worker's exception with the worker's traceback as its message;
-        # the error's own words are the traceback's last line.
-        text = str(e).strip().splitlines()[-1] if str(e).strip() else str(e)
-        raise type(e)(text.split(": ", 1)[1] if text.startswith(("shards.", "swav.")) else text) from None
 
 
 def _read_losses(pending: list[tuple[int, torch.Tensor]], result: "RunResult") -> None:
@@ -252,7 +243,7 @@ def pretrain(cfg: Config, dry_run: bool = False) -> RunResult:
                 set_step_hyperparams(optimizer, lr, freeze_prototypes=step < cfg.swav.freeze_prototypes_steps)
 
                 t_wait = time.perf_counter()
-                batch = _next_batch(it)
+                batch = next_batch(it)
                 window["wait"] += time.perf_counter() - t_wait
                 crops = batch.augment(device)
                 if cfg.model.channels_last:
@@ -384,9 +375,6 @@ def _manifest_extra(cfg: Config, engine) -> dict:
 def _restore_metrics(cfg: Config, src: ckpt.CheckpointStore, ref) -> None:
     """A run directory without the history up to the checkpoint (a requeue on another node, a fresh
     run_dir) gets the copy saved with the checkpoint; steps logged after it are logged again."""
-    from swav.metrics import read_metrics
-    from swav_io.storage import join, read_bytes
-
     path = os.path.join(cfg.run_dir, "metrics.jsonl")
     if ckpt.METRICS not in ref.manifest["files"]:
         return
@@ -401,10 +389,6 @@ def _restore_metrics(cfg: Config, src: ckpt.CheckpointStore, ref) -> None:
 
 def _warn_about_config_changes(cfg: Config, store: ckpt.CheckpointStore, ref) -> None:
     """Name every setting that differs from the checkpoint's config and changes what is trained."""
-    from swav.config import to_dict
-    from swav.config_diff import schedule_changes
-    from swav_io.storage import join, read_bytes, redact
-
     try:
         saved = read_bytes(store.fs, join(store.root, ref.tag, ckpt.CONFIG)).decode("utf-8")
     except Exception:  # noqa: BLE001 - an older checkpoint without its config: nothing to compare

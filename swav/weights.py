@@ -12,6 +12,7 @@ import yaml
 from swav import checkpoint as ckpt
 from swav.config import Config, load_config
 from swav_io.errors import UserError
+from swav_io.storage import join, read_bytes
 
 log = logging.getLogger(__name__)
 
@@ -20,7 +21,6 @@ MODEL_STATES = "mp_rank_00_model_states.pt"
 
 def checkpoint_config(ref: ckpt.CheckpointRef, options: dict | None) -> Config:
     store = ckpt.CheckpointStore(ref.root, options)
-    from swav_io.storage import join, read_bytes
 
     raw = read_bytes(store.fs, join(store.root, ref.tag, ckpt.CONFIG)).decode("utf-8")
     return load_config(None, base=yaml.safe_load(raw))

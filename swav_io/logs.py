@@ -6,6 +6,8 @@ import logging
 import os
 import sys
 
+from swav_io.storage import redact_text
+
 _FORMAT = "%(asctime)s %(levelname).1s [%(name)s%(rank)s] %(message)s"
 
 
@@ -23,8 +25,6 @@ class _RedactingFormatter(logging.Formatter):
     """Every line, ours or a library's, loses URL-embedded credentials and connection-string secrets."""
 
     def format(self, record: logging.LogRecord) -> str:
-        from swav_io.storage import redact_text
-
         return redact_text(super().format(record))
 
 

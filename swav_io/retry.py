@@ -23,7 +23,7 @@ def policy(what: str, attempts: int = 5, base_delay: float = 0.2,
                     state.attempt_number, attempts - 1, state.upcoming_sleep)
 
     return tenacity.Retrying(stop=tenacity.stop_after_attempt(attempts),
-                             wait=tenacity.wait_exponential_jitter(initial=base_delay, jitter=base_delay),
+                             wait=tenacity.wait_exponential(multiplier=base_delay) + tenacity.wait_random(0, base_delay),
                              retry=tenacity.retry_if_exception(retry_on), before_sleep=announce, reraise=True)
 
 
