@@ -1,20 +1,20 @@
 # Setup is one idempotent target: a virtualenv in .venv with torch first, then
 # deepspeed (it builds against the installed torch), then this package with what the demo needs.
-# The test tools (moto's server, pytest, img2dataset) come on top for `make test` only: they took
-# 86 s of a 4.5-minute setup on a 2-core host (2026-12-06), time `make demo` does not need to spend.
+# The test tools (moto's server, pytest, ruff, img2dataset) come on top for `make test` only: a large
+# share of setup time that `make demo` does not need to spend.
 PY      ?= python3
 VENV    := .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.stamp-setup
 TSTAMP  := $(VENV)/.stamp-test
 # Fail before a long install that cannot fit (pip would stop minutes in with "No space left on device").
-# Sizes measured on a fresh clone: .venv 6.4 GiB (torch's CUDA wheels are most of it), img2dataset's venv 0.8 GiB.
+# Sizes of a fresh setup: .venv about 6.4 GiB (torch's CUDA wheels are most of it), img2dataset's venv 0.8 GiB.
 NEED_GIB = $(PY) -c 'import shutil, sys; need, free = float(sys.argv[1]), shutil.disk_usage(".").free / 2**30; \
 	sys.exit(0 if free >= need else "%s needs about %.1f GiB free on this disk; %.1f GiB free" % (sys.argv[2], need, free))'
 export DS_ACCELERATOR ?= cpu
 export DS_BUILD_OPS ?= 0
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo test test-fast lint bench clean
 
 setup: $(STAMP)
 
@@ -24,10 +24,10 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q -c constraints.txt torch torchvision
 	$(BIN)/python -m pip install -q -c constraints.txt --no-build-isolation deepspeed
-	# DeepSpeed compiles its CPU shared-memory allreduce op on first use (49 s here, once per venv path);
-	# doing it here keeps that out of the first training run (or the first test). The compiler and pip
-	# each keep one core busy, and pip only adds packages the build does not import, so they run side
-	# by side: setup is ~40 s shorter on 2 cores. Either one failing fails the step.
+	# DeepSpeed compiles its CPU shared-memory allreduce op on first use (about a minute, once per venv
+	# path); doing it here keeps that out of the first training run (or the first test). The compiler and
+	# pip each keep one core busy, and pip only adds packages the build does not import, so they run side
+	# by side. Either one failing fails the step.
 	$(BIN)/python -c "from deepspeed.comm.torch import build_shm_op; build_shm_op()" & shm=$$!; \
 	  $(BIN)/python -m pip install -q -c constraints.txt -e '.[demo]'; pip_rc=$$?; \
 	  wait $$shm; shm_rc=$$?; test $$pip_rc -eq 0 && test $$shm_rc -eq 0
@@ -50,6 +50,13 @@ demo: setup
 
 test: $(TSTAMP) $(I2D)
 	$(BIN)/python -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder --durations=15 tests
+
+# The unit tier: no training runs, no launchers (tests marked `slow` are left out).
+test-fast: $(TSTAMP)
+	$(BIN)/python -m pytest -q -n 2 -m "not slow" --durations=10 tests
+
+lint: $(TSTAMP)
+	$(BIN)/ruff check .
 
 bench: setup
 	$(BIN)/python bench/run_all.py

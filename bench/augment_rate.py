@@ -1,4 +1,4 @@
-"""Multi-crop views per second on 1 core, measured side by side on the same JPEGs (issue 4):
+"""Multi-crop views per second on 1 core, measured side by side on the same JPEGs:
 
 - baseline: the reference's recipe with torchvision's PIL transforms, one crop at a time;
 - full CPU augmentation (`augment_on: cpu`): decode once at reduced size, uint8 crops, OpenCV photometric ops;

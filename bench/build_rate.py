@@ -1,6 +1,6 @@
 """Shard build throughput (images/s) vs bare JPEG decoding of the same inputs, side by side, same process.
 
-Target (issue 3): build rate >= 0.5x the bare-decode rate on this 2-core machine.
+Target: build rate >= 0.5x the bare-decode rate on a 2-core machine.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Step time of the DeepSpeed engine (ZeRO-0, as `swav pretrain` runs it) vs a plain PyTorch loop, same process.
 
 Same model, batch, crops, loss and LARS optimizer; data is pre-made so only the step is timed; the two
-loops alternate in blocks so drift in machine speed hits both. Target (issue 6): ratio <= 1.10.
+loops alternate in blocks so drift in machine speed hits both. Target: ratio <= 1.10.
 """
 
 from __future__ import annotations

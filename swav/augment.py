@@ -74,9 +74,8 @@ def colour_maps(params: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     rather than HSV's (the usual fast variant).
 
     Vectorised over crops, with no per-op masking: a data-loader worker calls this once per batch and
-    MultiCrop.__call__ once per sample, so per-call overhead is most of its cost (masked torch ops
-    took 2.6 ms for two crops and 4.4 ms for 64; this takes 0.24-0.4 ms, with the same views bit for
-    bit on the demo's shard set).
+    MultiCrop.__call__ once per sample, so per-call overhead is most of its cost; masked torch ops
+    cost several times more per call for the same views.
     """
     p = np.asarray(params, dtype=np.float64)
     n = p.shape[0]
@@ -194,8 +193,8 @@ def photometric(crops_u8: torch.Tensor, params: torch.Tensor, normalize: bool = 
     """Augment a batch of uint8 crops [N,3,H,W] with per-crop params [N, N_PARAMS]: colour jitter,
     grayscale, blur, horizontal flip and normalisation; float output.
 
-    method: "opencv" (crop by crop with OpenCV, CPU only; the default there: ~4x faster than tensor
-    ops, which on a CPU pay a full memory pass per op) or "tensor" (a few whole-batch ops; the default
+    method: "opencv" (crop by crop with OpenCV, CPU only; the default there: tensor ops on a CPU pay
+    a full memory pass per op) or "tensor" (a few whole-batch ops; the default
     on accelerators, where each op is one launch).
     """
     if method is None:

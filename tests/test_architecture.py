@@ -9,6 +9,9 @@ private (underscore) names; and no two modules import each other, directly or th
 from __future__ import annotations
 
 import ast
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -97,3 +100,11 @@ def test_the_checker_sees_what_it_is_meant_to_catch(tmp_path):
     assert _cycle({"shards.a": ["shards.b"], "shards.b": ["shards.c"], "shards.c": ["shards.a"]}) == \
         ["shards.a", "shards.b", "shards.c", "shards.a"]
     assert _cycle({"shards.a": ["shards.b"], "shards.b": []}) == []
+
+
+def test_the_tree_is_lint_clean():
+    """ruff, configured in pyproject.toml, finds nothing (the same check as `make lint`)."""
+    ruff = shutil.which("ruff", path=str(Path(sys.executable).parent)) or shutil.which("ruff")
+    assert ruff, "ruff is a test dependency: pip install -e '.[test]'"
+    r = subprocess.run([ruff, "check", "--no-cache", "."], cwd=REPO, capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-1000:]
