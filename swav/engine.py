@@ -21,6 +21,7 @@ from swav.models import SwAVModel
 from swav.optim import build_optimizer
 from swav.zero_layout import zero3_layouts, zero12_layouts
 from swav_io.errors import UserError
+from swav_io.trees import deep_merge
 
 log = logging.getLogger(__name__)
 
@@ -45,14 +46,7 @@ def deepspeed_config(cfg: Config, world_size: int) -> dict:
         # trunk's convolutions (nearly all the bytes) are reduced in bf16; head and prototypes stay fp32.
         ds["torch_autocast"] = {"enabled": True, "dtype": "bfloat16",
                                 "lower_precision_safe_modules": ["torch.nn.Conv2d"]}
-    return _merge(ds, cfg.deepspeed.extra)
-
-
-def _merge(base: dict, extra: dict) -> dict:
-    out = dict(base)
-    for k, v in (extra or {}).items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
+    return deep_merge(ds, cfg.deepspeed.extra)
 
 
 def build_model(cfg: Config, on_gpu: bool, world_size: int) -> nn.Module:

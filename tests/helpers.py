@@ -7,9 +7,11 @@ import hashlib
 import io
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -56,6 +58,23 @@ def moto_auth(endpoint: str, enforce: bool) -> None:
     urllib.request.urlopen(urllib.request.Request(f"{endpoint}/moto-api/reset-auth",
                                                   data=b"0" if enforce else b"inf",
                                                   headers={"Content-Type": "text/plain"}, method="POST")).read()
+
+
+def kill_group(proc: subprocess.Popen, timeout: float = 30.0) -> None:
+    """SIGKILL the process group `proc` leads and return once every member is gone: the signal lands
+    asynchronously, and a process that has not yet taken it can still write or delete a file while a test
+    looks at the folder. (The leader is reaped first: a zombie still counts as a member.)"""
+    pgid = proc.pid
+    os.killpg(pgid, signal.SIGKILL)
+    proc.wait()
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            os.killpg(pgid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"process group {pgid} still has members {timeout} s after SIGKILL")
 
 
 def noise_jpeg(seed: int, size: int = 40, quality: int = 70) -> bytes:

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import psutil
 import pyarrow.parquet as pq
+import pytest
 from helpers import REPO, fault_env, flat_jpeg, swav_cli
 
 from pipeline.build import BuildConfig, build
@@ -101,6 +102,7 @@ def _serve(port: int = 0):
     return server, server.get_host_and_port()[1]
 
 
+@pytest.mark.slow
 def test_a_storage_outage_mid_build_stops_it_and_the_rerun_equals_a_clean_build(tmp_path):
     import s3fs
 

@@ -55,6 +55,7 @@ def _kill_after(cmd: list[str], dst: Path, manifests: int) -> None:
     proc.wait()
 
 
+@pytest.mark.slow
 def test_resume_uses_the_snapshot_and_incremental_adds_exactly_the_new_objects(src, clean, tmp_path):
     dst = tmp_path / "set"
     cmd = [sys.executable, "-m", "swav.cli", "shards", "build", str(src), str(dst), *FLAGS, "--io-threads", "1"]
@@ -92,6 +93,7 @@ def test_resume_uses_the_snapshot_and_incremental_adds_exactly_the_new_objects(s
     assert tree(dst) == after
 
 
+@pytest.mark.slow
 def test_from_list_builds_the_same_set_as_a_listing(src, clean, tmp_path):
     names = sorted(p.name for p in src.iterdir())
     urls = tmp_path / "urls.parquet"

@@ -17,6 +17,8 @@ import math
 import pytest
 from helpers import torchrun
 
+pytestmark = pytest.mark.slow  # a training run end to end: `make test` only, not `make test-fast`
+
 SEED = 6
 STOP = 600
 LN_K = math.log(30)

@@ -224,6 +224,7 @@ class _QuietHandler(http.server.SimpleHTTPRequestHandler):
         pass
 
 
+@pytest.mark.slow
 def test_img2dataset_output_indexes_from_its_stats_streams_once_and_trains(img2dataset_output, tmp_path):
     out, urls = img2dataset_output
     tars = sorted(out.glob("*.tar"))

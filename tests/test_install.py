@@ -9,7 +9,10 @@ import sys
 import sysconfig
 from pathlib import Path
 
+import pytest
 from helpers import REPO
+
+pytestmark = pytest.mark.slow  # a training run end to end: `make test` only, not `make test-fast`
 
 
 def test_a_wheel_install_finds_its_jobs_from_any_directory(tmp_path):

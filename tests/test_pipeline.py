@@ -5,8 +5,6 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import os
-import signal
 import subprocess
 import sys
 import tarfile
@@ -15,7 +13,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-from helpers import REPO, swav_cli
+from helpers import REPO, kill_group, swav_cli
 from PIL import Image
 
 from pipeline.build import BuildConfig, build, build_part
@@ -154,8 +152,7 @@ def test_kill_9_mid_build_then_rerun_is_byte_identical(bucket, tmp_path):
     deadline = time.time() + 120
     while time.time() < deadline and len(list((killed / "manifest").glob("*.parquet"))) < 3:
         time.sleep(0.02)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
+    kill_group(proc)
     assert not (killed / "build.json").exists(), "a killed build must not look finished"
     committed = len(list((killed / "manifest").glob("*.parquet")))
     assert committed >= 3
@@ -165,6 +162,7 @@ def test_kill_9_mid_build_then_rerun_is_byte_identical(bucket, tmp_path):
     assert _tree_bytes(killed) == _tree_bytes(clean)
 
 
+@pytest.mark.slow
 def test_parts_merged_equal_the_single_build(bucket, shard_set, tmp_path):
     src = str(bucket[0])
     dst = tmp_path / "parts"

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Iterator
 
 import pytest
-from helpers import REPO, fault_env, free_port, swav_cli, torchrun
+from helpers import REPO, fault_env, free_port, kill_group, swav_cli, torchrun
 
 from swav.metrics import read_metrics
 
@@ -80,8 +80,7 @@ def test_kill_9_mid_run_then_rerun_reproduces_the_losses_bitwise(shard_set, tmp_
         if (run / "metrics.jsonl").exists() and max(losses(run), default=0) >= target:
             break
         time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
+    kill_group(proc)
     assert max(losses(run)) < STEPS, "the run was killed before it finished"
     assert len([n for n in ours(temp) if n.startswith("swav-index-")]) == nproc, ours(temp)
     r = torchrun(nproc, *args(shard_set, run), env=env)

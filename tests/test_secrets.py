@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from helpers import REPO, free_port, moto_auth, swav_cli
 
 from swav_io.storage import redact, redact_text
@@ -37,6 +38,7 @@ def test_an_error_about_a_url_with_credentials_does_not_print_them(tmp_path, s3)
     assert "VERYSECRETVALUE" not in r.stderr + r.stdout and "Traceback" not in r.stderr, r.stderr[-1500:]
 
 
+@pytest.mark.slow
 def test_the_deepspeed_launcher_with_a_secret_in_the_environment_leaks_it_nowhere(shard_set, s3, tmp_path):
     """The multi-node recipe the README gives: credentials in the environment (never on the command line),
     storage settings in SWAV_STORAGE_OPTIONS, launched by DeepSpeed's own runner. The store enforces
