@@ -169,30 +169,59 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     ev = sub.add_parser("eval", help="kNN or linear-probe evaluation of frozen trunk features",
                         description="Evaluate frozen trunk features on a labelled image folder (class per "
                                     "sub-folder) or shard set with labels in the sample JSON.")
-    esub = ev.add_subparsers(dest="eval_kind", metavar="{knn,linear}")
-    for kind, hlp in (("knn", "weighted kNN (k=20 and 200, T=0.07, cosine)"), ("linear", "linear probe (SGD, cosine lr)")):
+    esub = ev.add_subparsers(dest="eval_kind", metavar="{knn,linear,finetune}")
+    kinds = (("knn", "weighted kNN (k=20 and 200, T=0.07, cosine)"),
+             ("linear", "linear probe (SGD, cosine lr; --augment trains on augmented views)"),
+             ("finetune", "fine-tune the whole network on a class-balanced fraction of the train labels"))
+    for kind, hlp in kinds:
         e = esub.add_parser(kind, help=hlp, description=hlp)
-        e.add_argument("--checkpoint", default="", help="checkpoint URL (a run's checkpoint dir or one step's)")
-        e.add_argument("--random-init", action="store_true", help="evaluate a randomly initialised trunk instead")
-        e.add_argument("--arch", default="", help="trunk arch (default: from the checkpoint's config)")
-        e.add_argument("--train", required=True, help="labelled training images: a folder with one sub-folder per "
-                                                     "class, or a shard set (see --label); streamed in batches")
-        e.add_argument("--val", required=True, help="labelled validation images, same kind")
-        e.add_argument("--image-size", type=int, default=224, help="resize+center-crop size (default 224)")
-        e.add_argument("--batch-size", type=int, default=64, help="feature extraction batch (default 64)")
-        e.add_argument("--seed", type=int, default=0, help="seed for random init and the probe")
-        e.add_argument("--device", default="cpu", help="where features are computed and compared (cpu, cuda, cuda:1)")
-        e.add_argument("--label", default="folder", metavar="SOURCE",
-                       help="class of a shard-set sample: folder (parent folder of its source URL), json:FIELD "
-                            "(a field of its JSON member) or cls (its .cls member); default folder")
-        e.add_argument("--no-progress", action="store_true", help="no progress bar")
-        e.add_argument("--out", default="", help="write results as JSON here")
-        if kind == "linear":
-            e.add_argument("--epochs", type=int, default=100, help="probe epochs over cached features (default 100)")
-            e.add_argument("--lr", type=float, default=0.3, help="probe base lr at batch 256 (default 0.3)")
-            e.add_argument("--weight-decay", type=float, default=1e-6, help="probe weight decay (default 1e-6)")
+        _add_eval_common(e)
+        if kind in ("linear", "finetune"):
+            _add_training_flags(e, kind)
         add_storage_flags(e)
     ev.set_defaults(func=_eval)
+
+
+def _add_eval_common(e: argparse.ArgumentParser) -> None:
+    e.add_argument("--checkpoint", default="", help="checkpoint URL (a run's checkpoint dir or one step's)")
+    e.add_argument("--random-init", action="store_true", help="evaluate a randomly initialised trunk instead")
+    e.add_argument("--arch", default="", help="trunk arch (default: from the checkpoint's config)")
+    e.add_argument("--train", required=True, help="labelled training images: a folder with one sub-folder per "
+                                                 "class, or a shard set (see --label); streamed in batches")
+    e.add_argument("--val", required=True, help="labelled validation images, same kind")
+    e.add_argument("--image-size", type=int, default=224, help="resize+center-crop size (default 224)")
+    e.add_argument("--batch-size", type=int, default=64, help="batch size (default 64)")
+    e.add_argument("--seed", type=int, default=0, help="seed for random init, subsets, held-out split and training")
+    e.add_argument("--device", default="cpu", help="where features are computed and compared (cpu, cuda, cuda:1)")
+    e.add_argument("--label", default="folder", metavar="SOURCE",
+                   help="class of a shard-set sample: folder (parent folder of its source URL), json:FIELD "
+                        "(a field of its JSON member) or cls (its .cls member); default folder")
+    e.add_argument("--no-progress", action="store_true", help="no progress bar")
+    e.add_argument("--out", default="", help="write results as JSON here")
+
+
+def _add_training_flags(e: argparse.ArgumentParser, kind: str) -> None:
+    finetune = kind == "finetune"
+    e.add_argument("--epochs", type=int, default=20 if finetune else 100,
+                   help=f"schedule length in epochs (default {20 if finetune else 100}); the epoch to stop at is "
+                        "chosen on a held-out tenth of the train labels")
+    e.add_argument("--lr", type=float, default=0.1 if finetune else 0.3,
+                   help="head lr at batch 256, middle of the grid lr/3, lr, 3 lr searched on the held-out tenth "
+                        f"(default {0.1 if finetune else 0.3})")
+    e.add_argument("--weight-decay", type=float, default=1e-6 if not finetune else 1e-4,
+                   help="weight decay")
+    e.add_argument("--no-flip", action="store_true", help="no horizontal flips in the training views")
+    if finetune:
+        e.add_argument("--fraction", type=float, default=0.1,
+                       help="class-balanced fraction of the train labels to use (the paper: 0.01 and 0.1; 1.0 = "
+                            "full fine-tuning); default 0.1")
+        e.add_argument("--subset-file", default="",
+                       help="where the subset is written and reused (default subset-F-seedS.json here)")
+        e.add_argument("--trunk-lr-scale", type=float, default=0.1, help="trunk lr = head lr x this (default 0.1)")
+    else:
+        e.add_argument("--augment", action="store_true",
+                       help="train the head on random resized crops and flips of the train images (as the "
+                            "reference) instead of frozen center-crop features")
 
 
 def _add_export(sub: argparse._SubParsersAction) -> None:

@@ -15,7 +15,7 @@ import json
 import logging
 import math
 import os
-from typing import Iterable
+from typing import Callable, Iterable
 
 import numpy as np
 import torch
@@ -26,8 +26,10 @@ from torchvision.transforms.v2 import functional as TF
 
 from swav import checkpoint as ckpt
 from swav.augment import MEAN, STD
+from swav.eval_images import image_protocol
 from swav.labelled import iter_labelled
 from swav.models import build_trunk
+from swav.supervised import Recipe, choose, holdout, topk
 from swav.weights import checkpoint_config, load_model_state, trunk_state
 from swav_io.cliflags import storage_options
 from swav_io.errors import UserError
@@ -90,27 +92,23 @@ def knn_accuracy(train_f: torch.Tensor, train_y: torch.Tensor, val_f: torch.Tens
     return 100.0 * top1 / n, 100.0 * top5 / n
 
 
-def linear_probe(train_f: torch.Tensor, train_y: torch.Tensor, val_f: torch.Tensor, val_y: torch.Tensor,
-                 epochs: int = 100, lr: float = 0.3, weight_decay: float = 1e-6, batch_size: int = 256,
-                 seed: int = 0) -> tuple[float, float]:
-    """(top-1, top-5) of a linear classifier on frozen features (SGD momentum 0.9, cosine lr)."""
+def _fit_head(train_f: torch.Tensor, train_y: torch.Tensor, classes: int, epochs: int, lr: float,
+              weight_decay: float, batch_size: int, seed: int, stop_at: int | None = None,
+              on_epoch: Callable[[int, nn.Module], None] | None = None) -> nn.Module:
+    """A linear layer trained on (standardised) features: SGD momentum 0.9, cosine lr over `epochs`, stopped
+    after `stop_at` epochs when given (the schedule keeps its length, so a stop is a point on one trajectory)."""
     g = torch.Generator().manual_seed(seed)
-    c = int(max(train_y.max(), val_y.max())) + 1
-    # Standardise each feature with the training statistics (the reference puts a BatchNorm without
-    # affine in front of its linear layer): raw trunk features differ in scale by orders of magnitude.
-    mean, std = train_f.mean(0, keepdim=True), train_f.std(0, keepdim=True).clamp_min(1e-6)
-    train_f, val_f = (train_f - mean) / std, (val_f - mean) / std
-    head = nn.Linear(train_f.shape[1], c)
+    head = nn.Linear(train_f.shape[1], classes)
     head.weight.data.normal_(0, 0.01, generator=g)
     head.bias.data.zero_()
     head.to(train_f.device)
-    train_y, val_y = train_y.to(train_f.device), val_y.to(val_f.device)
+    train_y = train_y.to(train_f.device)
     scaled_lr = lr * batch_size / 256
     opt = torch.optim.SGD(head.parameters(), lr=scaled_lr, momentum=0.9, weight_decay=weight_decay)
     steps_per_epoch = math.ceil(train_f.shape[0] / batch_size)
     total = epochs * steps_per_epoch
     step = 0
-    for _ in range(epochs):
+    for epoch in range(1, (stop_at or epochs) + 1):
         perm = torch.randperm(train_f.shape[0], generator=g)
         for i in range(0, train_f.shape[0], batch_size):
             for group in opt.param_groups:
@@ -121,11 +119,44 @@ def linear_probe(train_f: torch.Tensor, train_y: torch.Tensor, val_f: torch.Tens
             loss.backward()
             opt.step()
             step += 1
+        if on_epoch is not None:
+            on_epoch(epoch, head)
+    return head
+
+
+def linear_probe(train_f: torch.Tensor, train_y: torch.Tensor, val_f: torch.Tensor, val_y: torch.Tensor,
+                 epochs: int = 100, lr: float = 0.3, weight_decay: float = 1e-6, batch_size: int = 256,
+                 seed: int = 0) -> tuple[float, float, dict]:
+    """(top-1, top-5, choice) of a linear classifier on frozen features.
+
+    The lr (lr/3, lr, 3 lr) and the epoch (a quarter, half, three quarters or all of `epochs`) are chosen on a
+    class-balanced tenth of the train features held out from fitting; then the head is fitted on all of them
+    with that choice and scored once on val.
+    """
+    c = int(max(train_y.max(), val_y.max())) + 1
+    # Standardise each feature with the training statistics (the reference puts a BatchNorm without
+    # affine in front of its linear layer): raw trunk features differ in scale by orders of magnitude.
+    mean, std = train_f.mean(0, keepdim=True), train_f.std(0, keepdim=True).clamp_min(1e-6)
+    train_f, val_f = (train_f - mean) / std, (val_f - mean) / std
+    fit_idx, held_idx = holdout(list(range(train_f.shape[0])), train_y.tolist(), 0.1, seed)
+    fit_i, held_i = torch.tensor(fit_idx), torch.tensor(held_idx)
+
+    def run(lr_: float, score_at: list[int]) -> dict[int, float]:
+        scores: dict[int, float] = {}
+
+        def on_epoch(epoch: int, head: nn.Module) -> None:
+            if epoch in score_at:
+                with torch.no_grad():
+                    scores[epoch] = topk(head(train_f[held_i]), train_y[held_i])[0]
+        _fit_head(train_f[fit_i], train_y[fit_i], c, epochs, lr_, weight_decay, batch_size, seed, on_epoch=on_epoch)
+        return scores
+
+    choice = choose(run, [lr / 3, lr, lr * 3], epochs) if held_idx else None
+    head = _fit_head(train_f, train_y, c, epochs, choice.lr if choice else lr, weight_decay, batch_size, seed,
+                     stop_at=choice.epoch if choice else None)
     with torch.no_grad():
-        pred = head(val_f).topk(min(5, c), dim=1).indices
-    y = val_y.view(-1, 1)
-    return (100.0 * (pred[:, :1] == y).any(1).float().mean().item(),
-            100.0 * (pred == y).any(1).float().mean().item())
+        t1, t5 = topk(head(val_f), val_y.to(val_f.device))
+    return t1, t5, choice.as_dict() if choice else {"lr": lr, "epoch": epochs, "note": "too few images to hold out"}
 
 
 def load_trunk(checkpoint: str, arch: str, random_init: bool, seed: int,
@@ -148,13 +179,23 @@ def load_trunk(checkpoint: str, arch: str, random_init: bool, seed: int,
 def evaluate(kind: str, train: str, val: str, checkpoint: str = "", arch: str = "", random_init: bool = False,
              image_size: int = 224, batch_size: int = 64, seed: int = 0, options: dict | None = None,
              epochs: int = 100, lr: float = 0.3, weight_decay: float = 1e-6, device: str = "cpu",
-             label: str = "folder", progress: bool = False) -> dict:
+             label: str = "folder", progress: bool = False, augment: bool = False, fraction: float = 1.0,
+             subset_file: str = "", trunk_lr_scale: float = 0.1, flip: bool = True) -> dict:
+    """One protocol's result: knn (k=20, 200), linear (frozen features, or augmented views with `augment`),
+    finetune (the whole network on a class-balanced `fraction` of the train labels). Top-1 and top-5 in %."""
     torch.manual_seed(seed)
     try:
         device = str(torch.device(device))
     except RuntimeError as e:
         raise UserError(f"--device {device!r}: {e}") from None
     trunk, what = load_trunk(checkpoint, arch, random_init, seed, options)
+    if kind == "finetune" or augment:
+        recipe = Recipe(epochs=epochs, lr=lr, weight_decay=weight_decay, batch_size=batch_size, image_size=image_size,
+                        flip=flip, trunk_lr_scale=trunk_lr_scale)
+        res = image_protocol(trunk, train, val, label, options, recipe, seed, fraction, kind == "finetune",
+                             subset_file)
+        return {"kind": kind, "model": what, "train": train, "val": val, "device": "cpu", "label": label,
+                "image_size": image_size, **res}
     train_f, train_c = extract(trunk, iter_labelled(train, label, options), image_size, batch_size, device,
                                progress, "train")
     val_f, val_c = extract(trunk, iter_labelled(val, label, options), image_size, batch_size, device, progress, "val")
@@ -173,13 +214,20 @@ def evaluate(kind: str, train: str, val: str, checkpoint: str = "", arch: str = 
             t1, t5 = knn_accuracy(train_f, train_y, val_f, val_y, k, num_classes=len(classes))
             out[f"knn{k}_top1"], out[f"knn{k}_top5"] = t1, t5
     else:
-        t1, t5 = linear_probe(train_f, train_y, val_f, val_y, epochs, lr, weight_decay, seed=seed)
+        t1, t5, choice = linear_probe(train_f, train_y, val_f, val_y, epochs, lr, weight_decay, seed=seed)
         out["linear_top1"], out["linear_top5"] = t1, t5
+        out["protocol"] = {"name": "linear", "augment": False, "selection": "held-out tenth of train",
+                           "epochs": epochs, "choice": choice}
     return out
 
 
 def run_eval_cli(args: argparse.Namespace) -> int:
-    extra = {"epochs": args.epochs, "lr": args.lr, "weight_decay": args.weight_decay} if args.eval_kind == "linear" else {}
+    extra = {}
+    if args.eval_kind in ("linear", "finetune"):
+        extra = {"epochs": args.epochs, "lr": args.lr, "weight_decay": args.weight_decay,
+                 "augment": args.eval_kind == "finetune" or args.augment, "flip": not args.no_flip}
+    if args.eval_kind == "finetune":
+        extra.update(fraction=args.fraction, subset_file=args.subset_file, trunk_lr_scale=args.trunk_lr_scale)
     res = evaluate(args.eval_kind, args.train, args.val, args.checkpoint, args.arch, args.random_init,
                    args.image_size, args.batch_size, args.seed, storage_options(args), device=args.device,
                    label=args.label, progress=not args.no_progress, **extra)
