@@ -33,9 +33,8 @@ from swav.config import Config, to_dict, to_yaml
 from swav.config_diff import schedule_changes
 from swav.data import build_loader, next_batch, stream_states
 from swav.engine import apply_channels_last, build_engine, build_model, set_step_hyperparams
-from swav.loss import swav_loss
 from swav.metrics import MetricsWriter, assignment_stats, read_metrics
-from swav.queue import EmbeddingQueue, local_queue_length
+from swav.objective import Objective, build_objective
 from swav.schedules import warmup_cosine
 from swav.uploads import CheckpointUploads
 from swav_io.errors import UserError
@@ -192,8 +191,7 @@ def pretrain(cfg: Config, dry_run: bool = False) -> RunResult:
         log.info("channels_last on CPU: inputs NHWC, conv weights left NCHW")
 
     bs = cfg.train.batch_size
-    queue = EmbeddingQueue(len(cfg.swav.crops_for_assign),
-                           local_queue_length(cfg.swav.queue_length, bs, world), cfg.model.feat_dim).to(device)
+    objective = build_objective(cfg, bs, world, device)
     lr_schedule = warmup_cosine(cfg.optim.base_lr, cfg.optim.final_lr, cfg.train.steps, cfg.optim.warmup_steps,
                                 cfg.optim.start_warmup)
     store = ckpt.CheckpointStore(_checkpoint_url(cfg), cfg.checkpoint.storage_options)
@@ -209,7 +207,7 @@ def pretrain(cfg: Config, dry_run: bool = False) -> RunResult:
         dist.barrier()   # swept before any rank of the node stages or downloads into it
 
     try:
-        start_step, loader_state, plan, last_url = _resume(cfg, engine, queue, store, stage_root, rank, world)
+        start_step, loader_state, plan, last_url = _resume(cfg, engine, objective, store, stage_root, rank, world)
         loader = build_loader(cfg, rank, world, pin_memory=on_gpu, plan=plan)
         if loader_state is not None or plan is not None:
             loader.dataset.check_resume(stream_states(loader_state) if loader_state is not None else None, plan)
@@ -227,7 +225,6 @@ def pretrain(cfg: Config, dry_run: bool = False) -> RunResult:
 
     autocast = (torch.autocast(device_type=device.type, dtype=torch.bfloat16) if cfg.precision == "bf16"
                 else contextlib.nullcontext())
-    n_heads = len(module.num_prototypes)
     it = iter(loader)
     window = {"t0": time.perf_counter(), "wait": 0.0, "steps": 0}
     bar = tqdm(total=cfg.train.steps, initial=start_step, desc="pretrain", unit="step", disable=rank != 0,
@@ -249,27 +246,17 @@ def pretrain(cfg: Config, dry_run: bool = False) -> RunResult:
                 if cfg.model.channels_last:
                     crops = [c.contiguous(memory_format=torch.channels_last) for c in crops]
 
-                use_queue = step >= cfg.swav.queue_start_step and queue.full
+                extra = objective.forward_inputs(step)
                 with autocast:
-                    if use_queue:
-                        emb, scores, queued = engine(crops, [queue.rows[i] for i in range(queue.rows.shape[0])])
+                    if extra is not None:
+                        emb, scores, extra_scores = engine(crops, extra)
                     else:
-                        emb, scores = engine(crops)
-                heads = scores if isinstance(scores, list) else [scores]
-                loss, qs = 0.0, []
-                for h, head_scores in enumerate(heads):
-                    qscores = queued[h] if use_queue else None
-                    head_loss, head_q = swav_loss(head_scores.float(), bs, cfg.swav.crops_for_assign,
-                                                  cfg.swav.temperature, cfg.swav.epsilon,
-                                                  cfg.swav.sinkhorn_iterations, qscores, return_assignments=True)
-                    loss = loss + head_loss / n_heads
-                    qs.append(head_q[0])
+                        (emb, scores), extra_scores = engine(crops), None
+                loss, qs = objective.loss(step, emb, scores, extra_scores)
                 pending.append((step + 1, distributed.all_reduce_mean(loss)))  # stays on the device
                 engine.backward(loss)
                 engine.step()
-                if step >= cfg.swav.queue_start_step and queue.length:
-                    for i, crop_id in enumerate(cfg.swav.crops_for_assign):
-                        queue.push(i, emb[bs * crop_id: bs * (crop_id + 1)].float())
+                objective.after_step(step, emb)
 
                 result.step = step + 1
                 window["steps"] += 1
@@ -304,14 +291,14 @@ def pretrain(cfg: Config, dry_run: bool = False) -> RunResult:
                            "data_wait": window["wait"] / max(elapsed, 1e-9),
                            "assign_entropy": entropy, "prototypes_in_use": in_use,
                            "entropy_max": math.log(module.num_prototypes[0]),
-                           "queue_in_use": bool(use_queue), "prototypes_frozen": step < cfg.swav.freeze_prototypes_steps}
+                           **objective.log_fields(), "prototypes_frozen": step < cfg.swav.freeze_prototypes_steps}
                     metrics.write(row)
                     bar.set_postfix(loss=f"{loss_value:.3f}", ips=f"{row['images_per_s']:.0f}",
                                     wait=f"{row['data_wait']:.0%}", protos=in_use, refresh=False)
                     log.info("step %d/%d loss %.4f lr %.4g | %.1f img/s, data wait %.0f%% | assignment entropy "
                              "%.2f/%.2f nats, %d prototypes in use | queue %s", result.step, cfg.train.steps,
                              loss_value, lr, row["images_per_s"], 100 * row["data_wait"], entropy,
-                             row["entropy_max"], in_use, "on" if use_queue else "off")
+                             row["entropy_max"], in_use, "on" if row.get("queue_in_use") else "off")
                     window = {"t0": time.perf_counter(), "wait": 0.0, "steps": 0}
 
                 if uploads.pending is not None and sync_now and not (due or stop):
@@ -320,7 +307,7 @@ def pretrain(cfg: Config, dry_run: bool = False) -> RunResult:
                 if due or stop:
                     # One upload at a time: the previous one is published before this step's is staged.
                     result.checkpoint = uploads.wait_and_publish(final=False) or result.checkpoint
-                    tag, staged, small = stage_checkpoint(cfg, engine, queue, loader, stage_root, result.step, rank)
+                    tag, staged, small = stage_checkpoint(cfg, engine, objective, loader, stage_root, result.step, rank)
                     uploads.submit(tag, result.step, staged, small)
                     last_saved = result.step
                     if stop or result.step == cfg.train.steps:
@@ -343,7 +330,7 @@ def pretrain(cfg: Config, dry_run: bool = False) -> RunResult:
 
 
 # -- checkpoints ---------------------------------------------------------------------------------
-def stage_checkpoint(cfg: Config, engine, queue: EmbeddingQueue, loader, stage_root: str, step: int,
+def stage_checkpoint(cfg: Config, engine, objective: Objective, loader, stage_root: str, step: int,
                      rank: int) -> tuple[str, str, dict[str, bytes]]:
     """Write this rank's checkpoint files locally (synchronous: they describe this step); returns
     (tag, staged folder, the small files rank 0 adds at publication)."""
@@ -353,7 +340,7 @@ def stage_checkpoint(cfg: Config, engine, queue: EmbeddingQueue, loader, stage_r
     ckpt.clear_dir(local)
     engine.save_checkpoint(local, tag="ds", save_latest=False)
     state = {"step": step, "rank": rank, "world_size": _world(),
-             "loader": loader.state_dict(), "queue": queue.state_dict(), "rng": _rng_state()}
+             "loader": loader.state_dict(), **objective.state_dict(), "rng": _rng_state()}
     torch.save(state, os.path.join(staged, ckpt.state_name(rank)))
     small: dict[str, bytes] = {}
     if rank == 0:
@@ -461,7 +448,7 @@ def _load_engine(cfg: Config, engine, src: ckpt.CheckpointStore, ref, stage_root
     return path
 
 
-def _resume(cfg: Config, engine, queue: EmbeddingQueue, store: ckpt.CheckpointStore, stage_root: str,
+def _resume(cfg: Config, engine, objective: Objective, store: ckpt.CheckpointStore, stage_root: str,
             rank: int, world: int):
     """(start step, this rank's loader state or None, stream plan or None, checkpoint URL)."""
     def reads(manifest: dict) -> list[str]:
@@ -499,7 +486,7 @@ def _resume(cfg: Config, engine, queue: EmbeddingQueue, store: ckpt.CheckpointSt
     mine = src.read_state(ref, rank) if same_world else None   # only our own state file
     if mine is not None:
         _set_rng_state(mine["rng"])
-        queue.load_resized(mine["queue"], ref.world_size, world)
+        objective.load_state(mine, ref.world_size, world, rank)
         if old_workers == cfg.data.num_workers and not cfg.data.restart_pass:
             return ref.step, mine["loader"], None, ref.url
     # The consumer layout changed: the plan needs every stream's state. Rank 0 reads them all and
@@ -521,14 +508,8 @@ def _resume(cfg: Config, engine, queue: EmbeddingQueue, store: ckpt.CheckpointSt
     if failed:
         raise UserError(failed)
     if mine is None:
-        # A queue holds the embeddings of its own rank's past batches: each rank takes its own, or
-        # starts empty where the old world had no such rank; never another rank's.
-        own = src.read_state(ref, rank) if rank < ref.world_size else None
-        if own is not None:
-            queue.load_resized(own["queue"], ref.world_size, world)
-        elif queue.length:
-            log.warning("rank %d had no queue in the checkpoint (world %d): its queue restarts empty", rank,
-                        ref.world_size)
+        objective.load_state(src.read_state(ref, rank) if rank < ref.world_size else None, ref.world_size, world,
+                             rank)
     if cfg.data.restart_pass:
         log.warning("data.restart_pass: the stream starts a fresh pass (%d) over the set as it is now; the rest "
                     "of the saved pass is not read", plan["first_pass"])

@@ -11,7 +11,7 @@ from swav import checkpoint as ckpt
 from swav import distributed
 from swav.config import load_config
 from swav.engine import build_engine, build_model
-from swav.queue import EmbeddingQueue, local_queue_length
+from swav.objective import build_objective
 from swav.train import _resume
 
 
@@ -20,10 +20,9 @@ def main(ckpt_dir: str, out: str, *overrides: str) -> None:
     cfg = load_config("jobs/tiny.yaml", list(overrides))
     torch.manual_seed(123)   # another init than the checkpoint's: only a real load makes them equal
     engine, _ = build_engine(cfg, build_model(cfg, False, world), world)
-    queue = EmbeddingQueue(len(cfg.swav.crops_for_assign),
-                           local_queue_length(cfg.swav.queue_length, cfg.train.batch_size, world), cfg.model.feat_dim)
+    objective = build_objective(cfg, cfg.train.batch_size, world, torch.device("cpu"))
     stage = os.path.join(os.path.dirname(out), "stage")
-    step, *_ = _resume(cfg, engine, queue, ckpt.CheckpointStore(ckpt_dir), stage, rank, world)
+    step, *_ = _resume(cfg, engine, objective, ckpt.CheckpointStore(ckpt_dir), stage, rank, world)
 
     store = ckpt.CheckpointStore(ckpt_dir)
     ref = store.latest()
