@@ -237,19 +237,21 @@ class CropBatch:
     """Crops of a batch grouped by resolution, in config order within each group.
 
     images[r]: [n_crops_r * B, 3, S_r, S_r], crop-major (all samples' crop 0, then crop 1, ...),
-    uint8 until augmented; params[r]: matching [n_crops_r * B, N_PARAMS]; keys: sample keys.
+    uint8 until augmented; params[r]: matching [n_crops_r * B, N_PARAMS]; keys: sample keys; ids: [B] int64
+    sample ids (shard number << 32 | ordinal in the shard), what the memory-bank objectives key their banks by.
     """
 
     images: list[torch.Tensor]
     params: list[torch.Tensor]
     keys: list[str]
     augmented: bool
+    ids: torch.Tensor | None = None
 
     def pin_memory(self) -> "CropBatch":
         """Page-locked copies, so the loader's pin_memory thread makes the host-to-device copies truly
         asynchronous (the DataLoader calls this on any batch object that has it)."""
         return CropBatch([im.pin_memory() for im in self.images], [p.pin_memory() for p in self.params],
-                         self.keys, self.augmented)
+                         self.keys, self.augmented, self.ids)
 
     def augment(self, device: torch.device | str | None = None, dtype: torch.dtype = torch.float32) -> list[torch.Tensor]:
         if self.augmented:

@@ -87,6 +87,18 @@ class SwAVConfig:
 
 
 @dataclass
+class ObjectiveConfig:
+    name: str = knob("swav", "swav | deepclusterv2 | selav2: what a step learns from the crops' embeddings "
+                     "(docs/objectives.md)")
+    bank_size: int = knob(4096, "deepclusterv2, selav2: memory bank rows per rank, the newest embeddings of the "
+                          "assignment crops keyed by sample id; the memory bound, whatever the set's size")
+    period: int = knob(100, "deepclusterv2, selav2: steps between clusterings of the banks (k-means across ranks, "
+                       "or Sinkhorn equipartition over the banks); the first is at this step")
+    kmeans_iterations: int = knob(10, "deepclusterv2: Lloyd iterations of each clustering")
+    bank_sinkhorn_iterations: int = knob(50, "selav2: Sinkhorn-Knopp iterations over the bank before rounding")
+
+
+@dataclass
 class OptimConfig:
     name: str = knob("lars", "lars | sgd | adamw")
     base_lr: float = knob(4.8, "learning rate after warmup")
@@ -137,7 +149,9 @@ class Config:
     data: DataConfig = section(DataConfig, "the shard set and how it is read")
     crops: CropsConfig = section(CropsConfig, "multi-crop views")
     model: ModelConfig = section(ModelConfig, "trunk, projection head and prototypes")
-    swav: SwAVConfig = section(SwAVConfig, "codes, Sinkhorn, queue")
+    swav: SwAVConfig = section(SwAVConfig, "crops for assignment, temperature, Sinkhorn, queue, prototype freeze "
+                               "(temperature, crops_for_assign and the freeze apply to every objective)")
+    objective: ObjectiveConfig = section(ObjectiveConfig, "the clustering objective and its memory bank")
     optim: OptimConfig = section(OptimConfig, "optimizer and learning-rate schedule")
     train: TrainConfig = section(TrainConfig, "steps, batch, logging")
     checkpoint: CheckpointConfig = section(CheckpointConfig, "where and how often state is saved", trains=False)
@@ -264,6 +278,12 @@ def validate(cfg: Config) -> None:
         raise UserError("precision must be 'fp32' or 'bf16'")
     if cfg.deepspeed.zero_stage not in (0, 1, 2, 3):
         raise UserError("deepspeed.zero_stage must be 0, 1, 2 or 3")
+    o = cfg.objective
+    if o.name not in ("swav", "deepclusterv2", "selav2"):
+        raise UserError(f"objective.name must be swav, deepclusterv2 or selav2, got {o.name!r}")
+    for name in ("bank_size", "period", "kmeans_iterations", "bank_sinkhorn_iterations"):
+        if getattr(o, name) < 1:
+            raise UserError(f"objective.{name} must be >= 1, got {getattr(o, name)}")
     if cfg.optim.name not in ("lars", "sgd", "adamw"):
         raise UserError("optim.name must be lars, sgd or adamw")
     if cfg.data.shuffle_window < 1:

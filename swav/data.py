@@ -81,6 +81,7 @@ class _Batches:
                     "ids": [[int(s["__shard__"]), int(s["__ordinal__"])] for s in samples],
                     "passes": [int(s["__pass__"]) for s in samples]}
         batch = CropBatcher(self.mc, self.batch_size)
+        ids = []
         while not batch.full:
             s = next(self.stream)
             try:
@@ -88,8 +89,12 @@ class _Batches:
             except Exception as e:  # noqa: BLE001 - one undecodable sample must not stop training
                 self.bad_samples += 1
                 log.warning("skipping undecodable sample %s (%s); %d so far", s["__key__"], e, self.bad_samples)
+                continue
+            ids.append(sample_id(s))
         self.stream.end_batch()
-        return batch.finish(self.augment)
+        out = batch.finish(self.augment)
+        out.ids = torch.tensor(ids, dtype=torch.int64)
+        return out
 
     def state_dict(self) -> dict:
         return {"stream": self.stream.state_dict(), "bad_samples": self.bad_samples}
@@ -97,6 +102,11 @@ class _Batches:
     def load_state_dict(self, state: dict) -> None:
         self.stream.load_state_dict(state["stream"])
         self.bad_samples = state.get("bad_samples", 0)
+
+
+def sample_id(sample: dict) -> int:
+    """A sample's id, stable across passes, resumes and a set that grows: its shard and its place in it."""
+    return (int(sample["__shard__"]) << 32) | int(sample["__ordinal__"])
 
 
 def source_url(sample: dict, index) -> str:

@@ -22,6 +22,10 @@ log = logging.getLogger(__name__)
 
 class Objective(Protocol):
     name: str
+    learns_prototypes: bool        # False: the prototype layer stays frozen (DeepCluster-v2 scores with centroids)
+
+    def set_batch(self, ids: torch.Tensor | None) -> None:
+        """The sample ids of this step's batch (before forward_inputs)."""
 
     def forward_inputs(self, step: int) -> list[torch.Tensor] | None:
         """Rows the forward should also score with the prototypes this step, or None."""
@@ -47,6 +51,7 @@ class SwAVObjective:
     """Swapped prediction with Sinkhorn codes (per head) and an optional queue of past embeddings."""
 
     name = "swav"
+    learns_prototypes = True
 
     def __init__(self, cfg, batch_size: int, world: int, device: torch.device) -> None:
         s = cfg.swav
@@ -58,6 +63,9 @@ class SwAVObjective:
         self.queue = EmbeddingQueue(len(self.crops_for_assign), local_queue_length(s.queue_length, batch_size, world),
                                     cfg.model.feat_dim).to(device)
         self._use_queue = False
+
+    def set_batch(self, ids: torch.Tensor | None) -> None:
+        pass
 
     def forward_inputs(self, step: int) -> list[torch.Tensor] | None:
         self._use_queue = step >= self.queue_start and self.queue.full
@@ -99,8 +107,8 @@ class SwAVObjective:
         return {"queue_in_use": bool(self._use_queue)}
 
 
-OBJECTIVES = {"swav": SwAVObjective}
-
-
 def build_objective(cfg, batch_size: int, world: int, device: torch.device) -> Objective:
-    return OBJECTIVES["swav"](cfg, batch_size, world, device)
+    from swav.bank_objectives import DeepClusterV2Objective, SeLaV2Objective
+
+    kinds = {"swav": SwAVObjective, "deepclusterv2": DeepClusterV2Objective, "selav2": SeLaV2Objective}
+    return kinds[cfg.objective.name](cfg, batch_size, world, device)

@@ -1,9 +1,10 @@
-"""`swav pretrain`: the SwAV training loop over a DeepSpeed engine, read top to bottom.
+"""`swav pretrain`: the training loop over a DeepSpeed engine, read top to bottom.
 
 One step: lr/freeze for this step -> next multi-crop batch -> forward all crops
--> scores of the queue with the current prototypes -> distributed Sinkhorn and
-swapped loss -> DeepSpeed backward/step (LARS, prototype renormalisation in the
-optimizer's copy) -> push the queue -> log -> maybe checkpoint.
+(and whatever rows the objective wants scored with the current prototypes, e.g.
+SwAV's queue) -> the objective's loss (swav/objective.py) -> DeepSpeed
+backward/step (LARS, prototype renormalisation in the optimizer's copy) -> the
+objective's state update -> log -> maybe checkpoint.
 
 Nothing is an epoch: schedules are arrays indexed by optimizer step, data is an
 endless stream whose position is checkpointed with everything else.
@@ -147,6 +148,13 @@ def _warn_inapplicable(cfg: Config, on_gpu: bool) -> None:
                     cfg.swav.queue_length, cfg.train.batch_size * _world())
 
 
+def _objective_status(name: str, row: dict) -> str:
+    if name == "swav":
+        return "queue " + ("on" if row.get("queue_in_use") else "off")
+    return (f"{name}: bank {row['bank_filled']} rows, {row['clusterings']} clusterings "
+            f"({row['cluster_seconds']:.1f} s), {row['targets_from_bank']:.0%} of targets from the bank")
+
+
 def _world() -> int:
     return dist.get_world_size() if dist.is_initialized() else 1
 
@@ -237,11 +245,13 @@ def pretrain(cfg: Config, dry_run: bool = False) -> RunResult:
         try:
             for step in range(start_step, cfg.train.steps):
                 lr = float(lr_schedule[step])
-                set_step_hyperparams(optimizer, lr, freeze_prototypes=step < cfg.swav.freeze_prototypes_steps)
+                frozen = step < cfg.swav.freeze_prototypes_steps or not objective.learns_prototypes
+                set_step_hyperparams(optimizer, lr, freeze_prototypes=frozen)
 
                 t_wait = time.perf_counter()
                 batch = next_batch(it)
                 window["wait"] += time.perf_counter() - t_wait
+                objective.set_batch(batch.ids)
                 crops = batch.augment(device)
                 if cfg.model.channels_last:
                     crops = [c.contiguous(memory_format=torch.channels_last) for c in crops]
@@ -291,14 +301,14 @@ def pretrain(cfg: Config, dry_run: bool = False) -> RunResult:
                            "data_wait": window["wait"] / max(elapsed, 1e-9),
                            "assign_entropy": entropy, "prototypes_in_use": in_use,
                            "entropy_max": math.log(module.num_prototypes[0]),
-                           **objective.log_fields(), "prototypes_frozen": step < cfg.swav.freeze_prototypes_steps}
+                           **objective.log_fields(), "prototypes_frozen": frozen}
                     metrics.write(row)
                     bar.set_postfix(loss=f"{loss_value:.3f}", ips=f"{row['images_per_s']:.0f}",
                                     wait=f"{row['data_wait']:.0%}", protos=in_use, refresh=False)
                     log.info("step %d/%d loss %.4f lr %.4g | %.1f img/s, data wait %.0f%% | assignment entropy "
-                             "%.2f/%.2f nats, %d prototypes in use | queue %s", result.step, cfg.train.steps,
+                             "%.2f/%.2f nats, %d prototypes in use | %s", result.step, cfg.train.steps,
                              loss_value, lr, row["images_per_s"], 100 * row["data_wait"], entropy,
-                             row["entropy_max"], in_use, "on" if row.get("queue_in_use") else "off")
+                             row["entropy_max"], in_use, _objective_status(objective.name, row))
                     window = {"t0": time.perf_counter(), "wait": 0.0, "steps": 0}
 
                 if uploads.pending is not None and sync_now and not (due or stop):

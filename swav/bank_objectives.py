@@ -1,0 +1,217 @@
+"""Streaming DeepCluster-v2 and SeLa-v2: targets from a bounded memory bank instead of an epoch-long one.
+
+Both keep, per rank, the newest `objective.bank_size` samples' embeddings of the assignment crops keyed by
+sample id (swav.clustering.MemoryBank), and every `objective.period` steps they relabel the bank:
+
+- DeepCluster-v2: spherical k-means across ranks, one per head, on the bank rows of the head's assignment crop
+  (heads take the assignment crops in turn). The centroids score every crop (logits = emb . centroids / T) and
+  a sample's target is its bank assignment, or its nearest centroid when it is not in the bank (new this pass).
+  Departure: the reference copies the centroids into the prototypes and trains those until the next
+  clustering; here the centroids are the classifier between clusterings and the prototype layer is frozen.
+- SeLa-v2: the prototypes are learned by SGD; the bank rows are scored against them inside the forward and
+  relabelled by Sinkhorn equipartition over the whole bank, rounded to exact counts per rank. A sample not in
+  the bank is labelled by the hard Sinkhorn code of its batch (as SwAV's codes, rounded).
+
+Loss for both, as the reference DeepCluster-v2: cross-entropy of every crop's scores / T against the sample's
+target, averaged over crops and heads. Bank, centroids and the clustering counter are checkpointed per rank.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from swav.clustering import MemoryBank, equipartition, spherical_kmeans
+from swav.sinkhorn import sinkhorn64
+
+log = logging.getLogger(__name__)
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def _all_reduce(t: torch.Tensor) -> None:
+    if _distributed():
+        dist.all_reduce(t)
+
+
+def _broadcast(t: torch.Tensor) -> torch.Tensor:
+    if _distributed():
+        dist.broadcast(t, src=0)
+    return t
+
+
+class _BankObjective:
+    """What DeepCluster-v2 and SeLa-v2 share: the bank, the period, the per-crop cross-entropy, the state."""
+
+    name = ""
+    learns_prototypes = True
+
+    def __init__(self, cfg, batch_size: int, world: int, device: torch.device) -> None:
+        o = cfg.objective
+        self.crops_for_assign, self.temperature = list(cfg.swav.crops_for_assign), cfg.swav.temperature
+        self.batch_size, self.period, self.seed = batch_size, o.period, cfg.seed
+        p = cfg.model.num_prototypes
+        self.ks = list(p) if isinstance(p, list) else [p]
+        self.bank = MemoryBank(o.bank_size, len(self.crops_for_assign), cfg.model.feat_dim, len(self.ks), device)
+        self.clusterings = 0
+        self.cluster_seconds = 0.0
+        self._ids: torch.Tensor | None = None
+        self._from_bank = 0.0
+
+    def view_of(self, head: int) -> int:
+        return head % len(self.crops_for_assign)
+
+    def clustering_step(self, step: int) -> bool:
+        return step > 0 and step % self.period == 0
+
+    def set_batch(self, ids: torch.Tensor | None) -> None:
+        if ids is None:
+            raise ValueError(f"objective {self.name} needs sample ids in every batch")
+        self._ids = ids
+
+    def _cross_entropy(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        crops = logits.shape[0] // self.batch_size
+        return F.cross_entropy(logits.float() / self.temperature, targets.repeat(crops))
+
+    def _assign_rows(self, emb: torch.Tensor, view: int) -> torch.Tensor:
+        c = self.crops_for_assign[view]
+        return emb[self.batch_size * c: self.batch_size * (c + 1)]
+
+    def _targets(self, head: int, fallback: torch.Tensor) -> torch.Tensor:
+        found = self.bank.lookup(self._ids, head)
+        if head == 0:
+            self._from_bank = float((found >= 0).float().mean())
+        return torch.where(found >= 0, found, fallback)
+
+    def after_step(self, step: int, emb: torch.Tensor) -> None:
+        views = torch.stack([self._assign_rows(emb, v) for v in range(len(self.crops_for_assign))], 1)
+        self.bank.add(self._ids, views)
+
+    def state_dict(self) -> dict:
+        return {"bank": self.bank.state_dict(), "clusterings": self.clusterings,
+                "cluster_seconds": self.cluster_seconds}
+
+    def load_state(self, state: dict | None, old_world: int, new_world: int, rank: int) -> None:
+        # A bank holds its own rank's samples: each rank takes its own, or starts empty where the old
+        # world had no such rank (its first clustering then sees fewer rows).
+        if state is not None:
+            self.bank.load_state_dict(state["bank"])
+            self.clusterings = int(state["clusterings"])
+            self.cluster_seconds = float(state["cluster_seconds"])
+        else:
+            log.warning("rank %d had no memory bank in the checkpoint (world %d): its bank restarts empty", rank,
+                        old_world)
+
+    def log_fields(self) -> dict:
+        return {"bank_filled": self.bank.filled, "clusterings": self.clusterings,
+                "cluster_seconds": round(self.cluster_seconds, 4), "targets_from_bank": self._from_bank}
+
+
+class DeepClusterV2Objective(_BankObjective):
+    name = "deepclusterv2"
+    learns_prototypes = False
+
+    def __init__(self, cfg, batch_size: int, world: int, device: torch.device) -> None:
+        super().__init__(cfg, batch_size, world, device)
+        self.iterations = cfg.objective.kmeans_iterations
+        g = torch.Generator().manual_seed(cfg.seed)
+        # Until the first clustering the targets come from random unit centroids (the same on every rank).
+        self.centroids = [F.normalize(torch.randn(k, cfg.model.feat_dim, generator=g), dim=1).to(device)
+                          for k in self.ks]
+
+    def forward_inputs(self, step: int) -> list[torch.Tensor] | None:
+        if self.clustering_step(step):
+            self._cluster(step)
+        return None
+
+    def _initial(self, head: int, step: int) -> torch.Tensor:
+        """K rows of rank 0's bank (distinct, seeded by step), the previous centroids where it has fewer."""
+        c = self.centroids[head].clone()
+        filled = torch.nonzero(self.bank.ids >= 0).flatten()
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + step * 31 + head)
+        pick = filled[torch.randperm(filled.numel(), generator=g)[: c.shape[0]].to(filled.device)]
+        c[: pick.numel()] = self.bank.rows[pick, self.view_of(head)].to(c)
+        return _broadcast(c)
+
+    def _cluster(self, step: int) -> None:
+        t0 = time.perf_counter()
+        filled = self.bank.ids >= 0
+        for h in range(len(self.ks)):
+            rows = self.bank.rows[filled, self.view_of(h)]
+            centroids, assign = spherical_kmeans(rows, self._initial(h, step), self.iterations, _all_reduce)
+            self.centroids[h] = centroids
+            self.bank.assignments[h, filled] = assign
+        self.clusterings += 1
+        self.cluster_seconds += time.perf_counter() - t0
+
+    def loss(self, step: int, emb: torch.Tensor, scores, extra_scores) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        heads = scores if isinstance(scores, list) else [scores]
+        loss, qs = 0.0, []
+        for h, centroids in enumerate(self.centroids):
+            with torch.no_grad():
+                nearest = (self._assign_rows(emb, self.view_of(h)).float() @ centroids.t()).argmax(1)
+                targets = self._targets(h, nearest)
+            loss = loss + self._cross_entropy(emb.float() @ centroids.t(), targets) / len(self.ks)
+            qs.append(F.one_hot(targets, centroids.shape[0]).float())
+        # The prototype layer is not in this loss; a zero term gives it a zero gradient, which every ZeRO
+        # stage reduces like any other, instead of a missing one.
+        loss = loss + 0.0 * sum(s.sum() for s in heads)
+        return loss, qs
+
+    def state_dict(self) -> dict:
+        return {**super().state_dict(), "centroids": [c.clone() for c in self.centroids]}
+
+    def load_state(self, state: dict | None, old_world: int, new_world: int, rank: int) -> None:
+        super().load_state(state, old_world, new_world, rank)
+        if state is not None:
+            self.centroids = [c.to(self.centroids[0].device) for c in state["centroids"]]
+        if old_world != new_world:   # centroids are global: a rank new to the world takes rank 0's
+            self.centroids = [_broadcast(c.contiguous()) for c in self.centroids]
+
+
+class SeLaV2Objective(_BankObjective):
+    name = "selav2"
+
+    def __init__(self, cfg, batch_size: int, world: int, device: torch.device) -> None:
+        super().__init__(cfg, batch_size, world, device)
+        self.epsilon, self.batch_iterations = cfg.swav.epsilon, cfg.swav.sinkhorn_iterations
+        self.bank_iterations = cfg.objective.bank_sinkhorn_iterations
+        self._relabel = False
+
+    def forward_inputs(self, step: int) -> list[torch.Tensor] | None:
+        # The bank is scored inside the forward (where ZeRO-3 has the prototypes gathered).
+        self._relabel = self.clustering_step(step)
+        if not self._relabel:
+            return None
+        filled = self.bank.ids >= 0
+        return [self.bank.rows[filled, v] for v in range(len(self.crops_for_assign))]
+
+    def _relabel_bank(self, extra_scores: list) -> None:
+        t0 = time.perf_counter()
+        filled = self.bank.ids >= 0
+        for h in range(len(self.ks)):
+            bank_scores = extra_scores[h][self.view_of(h)]
+            self.bank.assignments[h, filled] = equipartition(bank_scores, self.epsilon, self.bank_iterations)
+        self.clusterings += 1
+        self.cluster_seconds += time.perf_counter() - t0
+
+    def loss(self, step: int, emb: torch.Tensor, scores, extra_scores) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        if self._relabel:
+            self._relabel_bank(extra_scores)
+        heads = scores if isinstance(scores, list) else [scores]
+        loss, qs = 0.0, []
+        for h, head_scores in enumerate(heads):
+            with torch.no_grad():
+                c = self.crops_for_assign[self.view_of(h)]
+                codes = sinkhorn64(head_scores[self.batch_size * c: self.batch_size * (c + 1)].detach(),
+                                   self.epsilon, self.batch_iterations)
+                targets = self._targets(h, codes.argmax(1))
+            loss = loss + self._cross_entropy(head_scores, targets) / len(heads)
+            qs.append(F.one_hot(targets, head_scores.shape[1]).float())
+        return loss, qs
