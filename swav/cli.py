@@ -127,6 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_export(sub)
     _add_report(sub)
     _add_demo(sub)
+    _add_compare(sub)
     return p
 
 
@@ -256,6 +257,23 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
     dm.add_argument("--seed", type=int, default=None, help="training seed (default: jobs/demo.yaml's)")
     dm.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides of jobs/demo.yaml")
     dm.set_defaults(func=_demo)
+
+
+def _add_compare(sub: argparse._SubParsersAction) -> None:
+    cp = sub.add_parser("compare", help="objectives x crop recipes x seeds at one budget, evaluated, in one table",
+                        description="Train and evaluate every cell of a grid (resuming cells already done) and write "
+                                    "OUT/table.md, OUT/table.json and OUT/table.png. With no GRID, the shipped "
+                                    "jobs/compare/reviewers.yaml on the demo bucket.")
+    cp.add_argument("grid", nargs="?", default="", metavar="GRID", help="grid YAML, or a shipped grid's name")
+    cp.add_argument("--out", default="compare-output", help="where cells and the table go (default compare-output)")
+    cp.set_defaults(func=_compare)
+
+
+def _compare(args: argparse.Namespace) -> int:
+    from swav.compare import run_compare
+
+    run_compare(args.grid, args.out)
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:

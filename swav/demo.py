@@ -45,6 +45,15 @@ def make_bucket(root: Path, photos: int = 48) -> dict:
     return {"photos": photos, "digits": n_digits, "odd": len(odd)}
 
 
+def digits_split(root: Path) -> tuple[Path, Path]:
+    """The labelled digits the demo evaluates on (train and held-out val folders), made once under root."""
+    train_dir, val_dir = root / "digits-train", root / "digits-val"
+    if not train_dir.exists():
+        digits_folder(train_dir, split="train", size=64)
+        digits_folder(val_dir, split="val", size=64)
+    return train_dir, val_dir
+
+
 def _serve_s3(local: Path, endpoint_url: str, bucket: str = "swav-demo") -> str:
     import s3fs
 
@@ -55,7 +64,8 @@ def _serve_s3(local: Path, endpoint_url: str, bucket: str = "swav-demo") -> str:
     return f"s3://{bucket}/raw"
 
 
-def _torchrun(nproc: int, args: list[str], log_path: Path) -> int:
+def torchrun_cli(nproc: int, args: list[str], log_path: Path) -> int:
+    """`swav ARGS` on nproc local ranks under torchrun; the full output goes to log_path, progress lines to stderr."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
            "--master_port", str(_free_port()), "-m", "swav.cli", *args]
     env = {**os.environ, "DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "cpu"), "OMP_NUM_THREADS": "1"}
@@ -108,7 +118,7 @@ def run_demo(out: str = "demo-output", steps: int = 0, endpoint_url: str = "", f
           flush=True)
     common = [str(DEMO_CONFIG), f"data.url={shards}", f"run_dir={run}", f"train.steps={steps}", *overrides]
     for attempt, extra in enumerate(([f"train.stop_after={steps // 2}"], [])):
-        rc = _torchrun(nproc, ["pretrain", *common, *extra], logs / "pretrain.log")
+        rc = torchrun_cli(nproc, ["pretrain", *common, *extra], logs / "pretrain.log")
         if rc != 0:
             raise UserError(f"pretraining failed (exit {rc}); see {logs / 'pretrain.log'}")
         if attempt == 0:
@@ -138,10 +148,7 @@ def run_demo(out: str = "demo-output", steps: int = 0, endpoint_url: str = "", f
 
 def _evaluate(root: Path, ckpt_url: str, job) -> tuple[dict, dict]:
     """kNN on digits of the pretrained trunk, and of the random init it started from (plus other seeds)."""
-    train_dir, val_dir = root / "digits-train", root / "digits-val"
-    if not train_dir.exists():
-        digits_folder(train_dir, split="train", size=64)
-        digits_folder(val_dir, split="val", size=64)
+    train_dir, val_dir = digits_split(root)
     # Features are taken at the size the trunk was trained to see (its large views).
     size = job.crops.size_crops[0]
     pre = evaluate("knn", str(train_dir), str(val_dir), checkpoint=ckpt_url, image_size=size, seed=0)

@@ -52,7 +52,7 @@ def test_several_steps_equal_a_plain_loop_and_empty_clusters_keep_their_centroid
     assert torch.equal(ours[-1], far[0]) and not (assign == init.shape[0] - 1).any()
 
 
-def test_two_ranks_end_with_the_centroids_of_one_process_on_the_union(tmp_path):
+def test_two_ranks_end_with_the_centroids_of_one_process_on_the_union_and_split_their_banks_evenly(tmp_path):
     x, init = _data(n=301, seed=2)
     torch.save({"x": x, "init": init, "split": [0, 137, 301]}, tmp_path / "kmeans.pt")
     r = torchrun(2, "tests/dist/kmeans_ranks.py", str(tmp_path), module=False)
@@ -62,6 +62,13 @@ def test_two_ranks_end_with_the_centroids_of_one_process_on_the_union(tmp_path):
     for p in parts:
         assert torch.allclose(p["centroids"], one, atol=1e-12)
     assert torch.equal(torch.cat([p["assign"] for p in parts]), assign)
+    # The bank equipartition across ranks: each rank's rows split exactly evenly (137 and 164 rows, 6
+    # clusters), so the union is within one row per rank of N / K in every cluster.
+    k = init.shape[0]
+    for p, n in zip(parts, (137, 164)):
+        assert set(torch.bincount(p["labels"], minlength=k).tolist()) <= {n // k, -(-n // k)}
+    union = torch.bincount(torch.cat([p["labels"] for p in parts]), minlength=k)
+    assert int(union.sum()) == 301 and int(union.max() - union.min()) <= 2
 
 
 @pytest.mark.parametrize("n,k", [(300, 30), (301, 30), (64, 7), (10, 3)])
