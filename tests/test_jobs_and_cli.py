@@ -19,12 +19,12 @@ JOBS = sorted((REPO / "jobs").glob("*.yaml"))
 def test_help_lists_every_subcommand():
     r = swav_cli("--help")
     assert r.returncode == 0
-    for cmd in ("shards", "pretrain", "eval", "export", "report", "demo"):
+    for cmd in ("shards", "pretrain", "eval", "export", "report", "demo", "compare"):
         assert cmd in r.stdout
     r = swav_cli("shards", "--help")
     for cmd in ("build", "info", "verify"):
         assert cmd in r.stdout
-    for sub in (["pretrain"], ["eval", "knn"], ["eval", "linear"], ["export"], ["report"], ["demo"],
+    for sub in (["pretrain"], ["eval", "knn"], ["eval", "linear"], ["export"], ["report"], ["demo"], ["compare"],
                 ["shards", "build"]):
         h = swav_cli(*sub, "--help")
         assert h.returncode == 0 and "usage:" in h.stdout, sub
