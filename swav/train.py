@@ -164,30 +164,204 @@ def _checkpoint_url(cfg: Config) -> str:
 
 
 def pretrain(cfg: Config, dry_run: bool = False) -> RunResult:
-    """Run (or resume) SwAV pretraining as configured; returns when train.steps are done or on preemption."""
-    rank, world, local_rank = distributed.init()
-    setup_logging(rank)
-    on_gpu = torch.cuda.is_available()
-    device = torch.device("cuda", local_rank) if on_gpu else torch.device("cpu")
-    if on_gpu:
-        torch.cuda.set_device(device)
-    if rank == 0:
-        log.info("resolved config:\n%s", to_yaml(cfg).rstrip())
-        os.makedirs(cfg.run_dir, exist_ok=True)
-        with open(os.path.join(cfg.run_dir, "config.yaml"), "w", encoding="utf-8") as f:
-            f.write(to_yaml(cfg))
-    _warn_inapplicable(cfg, on_gpu)
-    if not cfg.data.url and not dry_run:
-        raise UserError("data.url is not set: give the shard set to train on, e.g. data.url=s3://bucket/shards")
-    _seed_everything(cfg.seed, rank)
+    """Run (or resume) pretraining as configured; returns when train.steps are done or on preemption."""
+    trainer = Trainer.setup(cfg, dry_run)
+    return trainer if isinstance(trainer, RunResult) else trainer.run()
 
-    model = build_model(cfg, on_gpu, world).to(device)
-    if dry_run:
-        n = sum(p.numel() for p in model.trunk.parameters())
-        log.info("dry run: %s trunk with %d parameters, feature width %d", cfg.model.arch, n, model.trunk.out_dim)
-        return RunResult(step=0, stopped_early=False)
-    engine, optimizer = build_engine(cfg, model, world)
-    module = engine.module
+
+class Trainer:
+    """One run, read top to bottom: `setup` builds everything and resumes; `run` loops `train_step`, then
+    `sync` (the only host syncs), `log` and `checkpoint` at the steps that call for them."""
+
+    def __init__(self, cfg: Config, rank: int, world: int, device: torch.device, engine, optimizer,
+                 objective: Objective, loader, store: ckpt.CheckpointStore, stage_root: str,
+                 result: RunResult) -> None:
+        self.cfg, self.rank, self.world, self.device = cfg, rank, world, device
+        self.engine, self.optimizer, self.objective, self.loader = engine, optimizer, objective, loader
+        self.store, self.stage_root, self.result = store, stage_root, result
+        self.lr_schedule = warmup_cosine(cfg.optim.base_lr, cfg.optim.final_lr, cfg.train.steps,
+                                         cfg.optim.warmup_steps, cfg.optim.start_warmup)
+        self.autocast = (torch.autocast(device_type=device.type, dtype=torch.bfloat16) if cfg.precision == "bf16"
+                         else contextlib.nullcontext())
+        self.pending: list[tuple[int, torch.Tensor]] = []   # (step, global mean loss) not yet read on the host
+        self.window = {"t0": time.perf_counter(), "wait": 0.0, "steps": 0}
+        self.last_saved = result.step
+
+    # -- setup -------------------------------------------------------------------------------------
+    @classmethod
+    def setup(cls, cfg: Config, dry_run: bool = False) -> "Trainer | RunResult":
+        """Processes, model, engine, objective, checkpoint store, resume and loader; a RunResult when there
+        is nothing to train (a dry run, or a checkpoint already at train.steps)."""
+        rank, world, local_rank = distributed.init()
+        setup_logging(rank)
+        on_gpu = torch.cuda.is_available()
+        device = torch.device("cuda", local_rank) if on_gpu else torch.device("cpu")
+        if on_gpu:
+            torch.cuda.set_device(device)
+        if rank == 0:
+            log.info("resolved config:\n%s", to_yaml(cfg).rstrip())
+            os.makedirs(cfg.run_dir, exist_ok=True)
+            with open(os.path.join(cfg.run_dir, "config.yaml"), "w", encoding="utf-8") as f:
+                f.write(to_yaml(cfg))
+        _warn_inapplicable(cfg, on_gpu)
+        if not cfg.data.url and not dry_run:
+            raise UserError("data.url is not set: give the shard set to train on, e.g. data.url=s3://bucket/shards")
+        _seed_everything(cfg.seed, rank)
+
+        model = build_model(cfg, on_gpu, world).to(device)
+        if dry_run:
+            n = sum(p.numel() for p in model.trunk.parameters())
+            log.info("dry run: %s trunk with %d parameters, feature width %d", cfg.model.arch, n, model.trunk.out_dim)
+            return RunResult(step=0, stopped_early=False)
+        engine, optimizer = build_engine(cfg, model, world)
+        _log_layout(cfg, engine, on_gpu)
+        objective = build_objective(cfg, cfg.train.batch_size, world, device)
+        store = ckpt.CheckpointStore(_checkpoint_url(cfg), cfg.checkpoint.storage_options)
+        stage_root = _sweep_staging(cfg, store)
+        try:
+            start_step, loader_state, plan, last_url = _resume(cfg, engine, objective, store, stage_root, rank, world)
+            loader = build_loader(cfg, rank, world, pin_memory=on_gpu, plan=plan)
+            if loader_state is not None or plan is not None:
+                loader.dataset.check_resume(stream_states(loader_state) if loader_state is not None else None, plan)
+        except BaseException:
+            staging.tidy(stage_root)
+            raise
+        if loader_state is not None:
+            loader.load_state_dict(loader_state)
+        result = RunResult(step=start_step, stopped_early=False, checkpoint=last_url)
+        if start_step >= cfg.train.steps:
+            log.info("nothing to do: the checkpoint is at step %d of %d", start_step, cfg.train.steps)
+            staging.tidy(stage_root)
+            return result
+        return cls(cfg, rank, world, device, engine, optimizer, objective, loader, store, stage_root, result)
+
+    # -- one step ----------------------------------------------------------------------------------
+    def train_step(self, step: int, it) -> tuple[float, bool, list[torch.Tensor]]:
+        """(lr, prototypes frozen, the objective's assignments for the health signals) of optimizer step
+        `step`; its loss stays on the device in self.pending."""
+        cfg, objective, engine = self.cfg, self.objective, self.engine
+        lr = float(self.lr_schedule[step])
+        frozen = step < cfg.swav.freeze_prototypes_steps or not objective.learns_prototypes
+        set_step_hyperparams(self.optimizer, lr, freeze_prototypes=frozen)
+
+        t_wait = time.perf_counter()
+        batch = next_batch(it)
+        self.window["wait"] += time.perf_counter() - t_wait
+        objective.set_batch(batch.ids)
+        crops = batch.augment(self.device)
+        if cfg.model.channels_last:
+            crops = [c.contiguous(memory_format=torch.channels_last) for c in crops]
+
+        extra = objective.forward_inputs(step)
+        with self.autocast:
+            if extra is not None:
+                emb, scores, extra_scores = engine(crops, extra)
+            else:
+                (emb, scores), extra_scores = engine(crops), None
+        loss, qs = objective.loss(step, emb, scores, extra_scores)
+        self.pending.append((step + 1, distributed.all_reduce_mean(loss)))  # stays on the device
+        engine.backward(loss)
+        engine.step()
+        objective.after_step(step, emb)
+        self.result.step = step + 1
+        self.window["steps"] += 1
+        return lr, frozen, qs
+
+    # -- the host syncs ----------------------------------------------------------------------------
+    def sync(self, uploads: CheckpointUploads, preempt: "_Preemption") -> bool:
+        """Read the losses since the last agreement (checked before anything is logged or saved) and agree
+        on preemption across ranks; True when the run stops after this step."""
+        result = self.result
+        try:
+            _read_losses(self.pending, result)
+        except NonFiniteLoss as e:
+            # Every rank raises here, at the same step (the loss is the global mean), so the upload in
+            # flight, the last good state, can still be published collectively.
+            published = uploads.wait_and_publish(final=True) if uploads.pending else ""
+            if published:
+                raise NonFiniteLoss(str(e).replace(result.checkpoint or "(none yet)", published, 1)) from None
+            raise
+        return _agree(preempt.requested, self.device) or result.step == self.cfg.train.stop_after
+
+    # -- logging -----------------------------------------------------------------------------------
+    def log(self, metrics: MetricsWriter, bar: tqdm, lr: float, frozen: bool, qs: list[torch.Tensor]) -> None:
+        cfg, result, window = self.cfg, self.result, self.window
+        loss_value = result.losses.get(result.step, float("nan"))
+        entropy, in_use = assignment_stats(qs[0])
+        elapsed = time.perf_counter() - window["t0"]
+        row = {"step": result.step, "loss": loss_value, "lr": lr,
+               "images_per_s": window["steps"] * cfg.train.batch_size * self.world / max(elapsed, 1e-9),
+               "data_wait": window["wait"] / max(elapsed, 1e-9),
+               "assign_entropy": entropy, "prototypes_in_use": in_use,
+               "entropy_max": math.log(self.engine.module.num_prototypes[0]),
+               **self.objective.log_fields(), "prototypes_frozen": frozen}
+        metrics.write(row)
+        bar.set_postfix(loss=f"{loss_value:.3f}", ips=f"{row['images_per_s']:.0f}",
+                        wait=f"{row['data_wait']:.0%}", protos=in_use, refresh=False)
+        log.info("step %d/%d loss %.4f lr %.4g | %.1f img/s, data wait %.0f%% | assignment entropy "
+                 "%.2f/%.2f nats, %d prototypes in use | %s", result.step, cfg.train.steps,
+                 loss_value, lr, row["images_per_s"], 100 * row["data_wait"], entropy,
+                 row["entropy_max"], in_use, _objective_status(self.objective.name, row))
+        self.window = {"t0": time.perf_counter(), "wait": 0.0, "steps": 0}
+
+    # -- checkpointing -----------------------------------------------------------------------------
+    def checkpoint(self, uploads: CheckpointUploads, sync_now: bool, due: bool, stop: bool) -> None:
+        """Publish a finished upload at an agreed step; stage and submit this step's checkpoint when due."""
+        result = self.result
+        if uploads.pending is not None and sync_now and not (due or stop):
+            uploads.publish_if_done(self.device)   # a collective, at a step every rank agrees on
+            result.checkpoint = uploads.last_published or result.checkpoint
+        if due or stop:
+            # One upload at a time: the previous one is published before this step's is staged.
+            result.checkpoint = uploads.wait_and_publish(final=False) or result.checkpoint
+            tag, staged, small = stage_checkpoint(self.cfg, self.engine, self.objective, self.loader,
+                                                  self.stage_root, result.step, self.rank)
+            uploads.submit(tag, result.step, staged, small)
+            self.last_saved = result.step
+            if stop or result.step == self.cfg.train.steps:
+                result.checkpoint = uploads.wait_and_publish(final=True)
+
+    # -- the loop ----------------------------------------------------------------------------------
+    def run(self) -> RunResult:
+        cfg, result = self.cfg, self.result
+        it = iter(self.loader)
+        self.window = {"t0": time.perf_counter(), "wait": 0.0, "steps": 0}
+        bar = tqdm(total=cfg.train.steps, initial=result.step, desc="pretrain", unit="step",
+                   disable=self.rank != 0, mininterval=2.0, dynamic_ncols=True)
+        metrics = MetricsWriter(cfg.run_dir, enabled=self.rank == 0)
+        uploads = CheckpointUploads(self.store, self.rank, self.world, cfg.checkpoint.keep,
+                                    cfg.checkpoint.max_failures, _manifest_extra(cfg, self.engine))
+        with _Preemption() as preempt:
+            try:
+                for step in range(result.step, cfg.train.steps):
+                    lr, frozen, qs = self.train_step(step, it)
+                    bar.update(1)
+                    done = result.step
+                    log_now = done % cfg.train.log_every == 0 or done == cfg.train.steps
+                    due = done % cfg.checkpoint.every == 0 or done == cfg.train.steps
+                    sync_now = log_now or due or done % cfg.train.sync_every == 0 or done == cfg.train.stop_after
+                    stop = self.sync(uploads, preempt) if sync_now else False
+                    if log_now:
+                        self.log(metrics, bar, lr, frozen, qs)
+                    self.checkpoint(uploads, sync_now, due, stop)
+                    if stop:
+                        result.stopped_early = True
+                        log.warning("stopping after step %d (%s); rerun the same command to resume from %s",
+                                    done, "signal" if preempt.requested else "train.stop_after", result.checkpoint)
+                        break
+            finally:
+                bar.close()
+                metrics.close()
+                uploads.close()
+                staging.tidy(self.stage_root)
+                del it
+        if self.rank == 0 and not result.stopped_early:
+            log.info("done: %d steps, last checkpoint %s (saved at step %d)", result.step, result.checkpoint,
+                     self.last_saved)
+        return result
+
+
+def _log_layout(cfg: Config, engine, on_gpu: bool) -> None:
     if on_gpu and cfg.model.channels_last:
         convs, nhwc = apply_channels_last(engine)
         log.info("channels_last after deepspeed.initialize: %d of %d conv weights NHWC%s, inputs NHWC",
@@ -198,13 +372,10 @@ def pretrain(cfg: Config, dry_run: bool = False) -> RunResult:
         # rounding); the weights stay NCHW so that every ZeRO stage runs the same kernels and stays comparable.
         log.info("channels_last on CPU: inputs NHWC, conv weights left NCHW")
 
-    bs = cfg.train.batch_size
-    objective = build_objective(cfg, bs, world, device)
-    lr_schedule = warmup_cosine(cfg.optim.base_lr, cfg.optim.final_lr, cfg.train.steps, cfg.optim.warmup_steps,
-                                cfg.optim.start_warmup)
-    store = ckpt.CheckpointStore(_checkpoint_url(cfg), cfg.checkpoint.storage_options)
-    # One staging folder per run and node (ranks use sub-folders of their own): a resume downloads the
-    # files every rank needs once per node, not once per rank.
+
+def _sweep_staging(cfg: Config, store: ckpt.CheckpointStore) -> str:
+    """One staging folder per run and node (ranks use sub-folders of their own): a resume downloads the
+    files every rank needs once per node, not once per rank. What a killed run left there goes first."""
     stage_root = staging.stage_root(store.url, cfg.checkpoint.stage_dir)
     if int(os.environ.get("LOCAL_RANK", 0)) == 0:
         swept = staging.sweep(stage_root)
@@ -213,130 +384,7 @@ def pretrain(cfg: Config, dry_run: bool = False) -> RunResult:
                      ", ".join(swept))
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.barrier()   # swept before any rank of the node stages or downloads into it
-
-    try:
-        start_step, loader_state, plan, last_url = _resume(cfg, engine, objective, store, stage_root, rank, world)
-        loader = build_loader(cfg, rank, world, pin_memory=on_gpu, plan=plan)
-        if loader_state is not None or plan is not None:
-            loader.dataset.check_resume(stream_states(loader_state) if loader_state is not None else None, plan)
-    except BaseException:
-        staging.tidy(stage_root)
-        raise
-    if loader_state is not None:
-        loader.load_state_dict(loader_state)
-    metrics = MetricsWriter(cfg.run_dir, enabled=rank == 0)
-    result = RunResult(step=start_step, stopped_early=False, checkpoint=last_url)
-    if start_step >= cfg.train.steps:
-        log.info("nothing to do: the checkpoint is at step %d of %d", start_step, cfg.train.steps)
-        staging.tidy(stage_root)
-        return result
-
-    autocast = (torch.autocast(device_type=device.type, dtype=torch.bfloat16) if cfg.precision == "bf16"
-                else contextlib.nullcontext())
-    it = iter(loader)
-    window = {"t0": time.perf_counter(), "wait": 0.0, "steps": 0}
-    bar = tqdm(total=cfg.train.steps, initial=start_step, desc="pretrain", unit="step", disable=rank != 0,
-               mininterval=2.0, dynamic_ncols=True)
-    last_saved = start_step
-    uploads = CheckpointUploads(store, rank, world, cfg.checkpoint.keep, cfg.checkpoint.max_failures,
-                                _manifest_extra(cfg, engine))
-    pending: list[tuple[int, torch.Tensor]] = []   # (step, global mean loss) not yet read on the host
-    with _Preemption() as preempt:
-        try:
-            for step in range(start_step, cfg.train.steps):
-                lr = float(lr_schedule[step])
-                frozen = step < cfg.swav.freeze_prototypes_steps or not objective.learns_prototypes
-                set_step_hyperparams(optimizer, lr, freeze_prototypes=frozen)
-
-                t_wait = time.perf_counter()
-                batch = next_batch(it)
-                window["wait"] += time.perf_counter() - t_wait
-                objective.set_batch(batch.ids)
-                crops = batch.augment(device)
-                if cfg.model.channels_last:
-                    crops = [c.contiguous(memory_format=torch.channels_last) for c in crops]
-
-                extra = objective.forward_inputs(step)
-                with autocast:
-                    if extra is not None:
-                        emb, scores, extra_scores = engine(crops, extra)
-                    else:
-                        (emb, scores), extra_scores = engine(crops), None
-                loss, qs = objective.loss(step, emb, scores, extra_scores)
-                pending.append((step + 1, distributed.all_reduce_mean(loss)))  # stays on the device
-                engine.backward(loss)
-                engine.step()
-                objective.after_step(step, emb)
-
-                result.step = step + 1
-                window["steps"] += 1
-                bar.update(1)
-
-                log_now = result.step % cfg.train.log_every == 0 or result.step == cfg.train.steps
-                due = result.step % cfg.checkpoint.every == 0 or result.step == cfg.train.steps
-                stop = False
-                sync_now = (log_now or due or result.step % cfg.train.sync_every == 0
-                            or result.step == cfg.train.stop_after)
-                if sync_now:
-                    # The only host syncs of a step: read the losses since the last agreement (and check
-                    # them before anything is logged or saved), and agree on preemption across ranks.
-                    try:
-                        _read_losses(pending, result)
-                    except NonFiniteLoss as e:
-                        # Every rank raises here, at the same step (the loss is the global mean), so the
-                        # upload in flight, the last good state, can still be published collectively.
-                        published = uploads.wait_and_publish(final=True) if uploads.pending else ""
-                        if published:
-                            raise NonFiniteLoss(str(e).replace(result.checkpoint or "(none yet)", published, 1)) \
-                                from None
-                        raise
-                    stop = _agree(preempt.requested, device) or result.step == cfg.train.stop_after
-                loss_value = result.losses.get(result.step, float("nan"))
-
-                if log_now:
-                    entropy, in_use = assignment_stats(qs[0])
-                    elapsed = time.perf_counter() - window["t0"]
-                    row = {"step": result.step, "loss": loss_value, "lr": lr,
-                           "images_per_s": window["steps"] * bs * world / max(elapsed, 1e-9),
-                           "data_wait": window["wait"] / max(elapsed, 1e-9),
-                           "assign_entropy": entropy, "prototypes_in_use": in_use,
-                           "entropy_max": math.log(module.num_prototypes[0]),
-                           **objective.log_fields(), "prototypes_frozen": frozen}
-                    metrics.write(row)
-                    bar.set_postfix(loss=f"{loss_value:.3f}", ips=f"{row['images_per_s']:.0f}",
-                                    wait=f"{row['data_wait']:.0%}", protos=in_use, refresh=False)
-                    log.info("step %d/%d loss %.4f lr %.4g | %.1f img/s, data wait %.0f%% | assignment entropy "
-                             "%.2f/%.2f nats, %d prototypes in use | %s", result.step, cfg.train.steps,
-                             loss_value, lr, row["images_per_s"], 100 * row["data_wait"], entropy,
-                             row["entropy_max"], in_use, _objective_status(objective.name, row))
-                    window = {"t0": time.perf_counter(), "wait": 0.0, "steps": 0}
-
-                if uploads.pending is not None and sync_now and not (due or stop):
-                    uploads.publish_if_done(device)   # a collective, at a step every rank agrees on
-                    result.checkpoint = uploads.last_published or result.checkpoint
-                if due or stop:
-                    # One upload at a time: the previous one is published before this step's is staged.
-                    result.checkpoint = uploads.wait_and_publish(final=False) or result.checkpoint
-                    tag, staged, small = stage_checkpoint(cfg, engine, objective, loader, stage_root, result.step, rank)
-                    uploads.submit(tag, result.step, staged, small)
-                    last_saved = result.step
-                    if stop or result.step == cfg.train.steps:
-                        result.checkpoint = uploads.wait_and_publish(final=True)
-                if stop:
-                    result.stopped_early = True
-                    log.warning("stopping after step %d (%s); rerun the same command to resume from %s",
-                                result.step, "signal" if preempt.requested else "train.stop_after",
-                                result.checkpoint)
-                    break
-        finally:
-            bar.close()
-            metrics.close()
-            uploads.close()
-            staging.tidy(stage_root)
-            del it
-    if rank == 0 and not result.stopped_early:
-        log.info("done: %d steps, last checkpoint %s (saved at step %d)", result.step, result.checkpoint, last_saved)
-    return result
+    return stage_root
 
 
 # -- checkpoints ---------------------------------------------------------------------------------
