@@ -136,7 +136,8 @@ def _protocol_args(protocol: str, ev: dict) -> dict:
     if protocol == "linear-augment":
         return {"kind": "linear", "augment": True, "epochs": ev.get("image_epochs", 10), "lr": ev.get("linear_lr", 0.3)}
     fraction = float(protocol.split("-", 1)[1])
-    return {"kind": "finetune", "augment": True, "fraction": fraction, "epochs": ev.get("image_epochs", 10),
+    return {"kind": "finetune", "augment": True, "fraction": fraction,
+            "epochs": ev.get("finetune_epochs", ev.get("image_epochs", 10)),
             "lr": ev.get("finetune_lr", 0.1)}
 
 
