@@ -24,7 +24,10 @@ def _all_reduce(t: torch.Tensor, op=None) -> torch.Tensor:
 
 def _global_logsumexp(x: torch.Tensor, dim: int | None) -> torch.Tensor:
     """log(sum(exp(x))) over `dim` (None = all) and over every rank's rows."""
-    m = x.amax() if dim is None else x.amax(dim=dim, keepdim=True)
+    if x.numel() == 0:   # a rank with no rows (an empty memory bank) still takes part in every all-reduce
+        m = x.new_full(() if dim is None else [1 if d == dim else n for d, n in enumerate(x.shape)], float("-inf"))
+    else:
+        m = x.amax() if dim is None else x.amax(dim=dim, keepdim=True)
     m = _all_reduce(m.clone(), dist.ReduceOp.MAX if _distributed() else None)
     m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
     s = torch.exp(x - m)

@@ -69,6 +69,11 @@ def test_two_ranks_end_with_the_centroids_of_one_process_on_the_union_and_split_
         assert set(torch.bincount(p["labels"], minlength=k).tolist()) <= {n // k, -(-n // k)}
     union = torch.bincount(torch.cat([p["labels"] for p in parts]), minlength=k)
     assert int(union.sum()) == 301 and int(union.max() - union.min()) <= 2
+    # A rank with an empty bank changes nothing: rank 0 alone gives the one-process result.
+    for p in parts:
+        assert torch.allclose(p["alone"], one, atol=1e-12)
+    assert parts[1]["alone_labels"].numel() == 0
+    assert set(torch.bincount(parts[0]["alone_labels"], minlength=k).tolist()) <= {301 // k, -(-301 // k)}
 
 
 @pytest.mark.parametrize("n,k", [(300, 30), (301, 30), (64, 7), (10, 3)])

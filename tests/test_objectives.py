@@ -3,6 +3,7 @@ with a loader worker each, a stop between clusterings while the banks are still 
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pytest
@@ -51,3 +52,16 @@ def test_a_stop_mid_period_and_mid_fill_resumes_bitwise(shard_set, tmp_path, nam
     assert {s: v["loss"] for s, v in resumed.items()} == {s: v["loss"] for s, v in base.items()}
     assert resumed[8]["clusterings"] == 2 and resumed[8]["bank_filled"] == base[8]["bank_filled"]
 
+
+
+def test_deepclusterv2_continues_on_another_world_size(shard_set, tmp_path):
+    """2 ranks -> 1: the rank keeps its own bank and the centroids every rank shared; the run finishes."""
+    run = tmp_path / "run"
+    r = torchrun(2, *args(shard_set, run, "deepclusterv2", "train.stop_after=4"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    r = torchrun(1, *args(shard_set, run, "deepclusterv2"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "world size changed (2 -> 1)" in r.stderr
+    seen = rows(run)
+    assert max(seen) == STEPS and seen[STEPS]["clusterings"] == 2
+    assert all(math.isfinite(v["loss"]) for v in seen.values())
