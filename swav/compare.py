@@ -141,8 +141,10 @@ def _protocol_args(protocol: str, ev: dict) -> dict:
             "lr": ev.get("finetune_lr", 0.1)}
 
 
-def evaluate_cell(grid: Grid, data: Data, where: Path, size: int, flip: bool) -> None:
-    ckpt = str(where / "run" / "checkpoints")
+def evaluate_cell(grid: Grid, data: Data, where: Path, size: int, flip: bool, root: Path,
+                  random_init: tuple[str, int] | None = None) -> None:
+    """Every protocol on the cell's last checkpoint, or on a random init (arch, seed) of the same trunk."""
+    where.mkdir(parents=True, exist_ok=True)
     for protocol in grid.protocols:
         path = where / f"eval-{protocol}.json"
         if path.exists():
@@ -151,11 +153,25 @@ def evaluate_cell(grid: Grid, data: Data, where: Path, size: int, flip: bool) ->
         kind = kw.pop("kind")
         if kind == "finetune":
             # One subset per fraction for the whole grid: every cell fine-tunes on the same labelled images.
-            kw["subset_file"] = str(where.parents[3] / f"subset-{kw['fraction']:g}.json")
+            kw["subset_file"] = str(root / f"subset-{kw['fraction']:g}.json")
+        if random_init:
+            kw.update(arch=random_init[0], random_init=True, init_seed=random_init[1])
+        else:
+            kw["checkpoint"] = str(where / "run" / "checkpoints")
         t0 = time.time()
-        res = evaluate(kind, data.train, data.val, checkpoint=ckpt, image_size=size, seed=0, flip=flip, **kw)
+        res = evaluate(kind, data.train, data.val, image_size=size, seed=0, flip=flip, **kw)
         res["seconds"] = time.time() - t0
         path.write_text(json.dumps(res, indent=2))
+
+
+def scores(where: Path, protocols: list[str]) -> dict:
+    out = {}
+    for protocol in protocols:
+        res = json.loads((where / f"eval-{protocol}.json").read_text())
+        key = {"knn": "knn20", "linear": "linear", "linear-augment": "linear"}.get(protocol, "finetune")
+        out[protocol] = {"top1": res[f"{key}_top1"], "top5": res[f"{key}_top5"],
+                         "choice": res.get("protocol", {}).get("choice"), "seconds": res["seconds"]}
+    return out
 
 
 def cell_summary(where: Path, protocols: list[str]) -> dict:
@@ -165,12 +181,7 @@ def cell_summary(where: Path, protocols: list[str]) -> dict:
     out = {"train_seconds": sum(timing["attempts"]), "images_per_s": statistics.fmean(r["images_per_s"] for r in rows),
            "cluster_seconds": rows[-1].get("cluster_seconds"), "final_loss": rows[-1]["loss"],
            "prototypes_in_use": rows[-1]["prototypes_in_use"], "losses": {r["step"]: r["loss"] for r in rows},
-           "scores": {}}
-    for protocol in protocols:
-        res = json.loads((where / f"eval-{protocol}.json").read_text())
-        key = {"knn": "knn20", "linear": "linear", "linear-augment": "linear"}.get(protocol, "finetune")
-        out["scores"][protocol] = {"top1": res[f"{key}_top1"], "top5": res[f"{key}_top5"],
-                                   "choice": res.get("protocol", {}).get("choice"), "seconds": res["seconds"]}
+           "scores": scores(where, protocols)}
     return out
 
 
@@ -191,8 +202,17 @@ def run_compare(grid_arg: str, out: str) -> dict:
         overrides = [*grid.objectives[objective], *grid.crops[crops]]
         train_cell(grid, data, where, overrides, seed)
         cfg = load_config(resolve_config(grid.job), [*overrides, f"seed={seed}"])
-        evaluate_cell(grid, data, where, cfg.crops.size_crops[0], cfg.crops.flip_prob > 0)
+        evaluate_cell(grid, data, where, cfg.crops.size_crops[0], cfg.crops.flip_prob > 0, root)
         summaries[(objective, crops, seed)] = cell_summary(where, grid.protocols)
-    table = write_table(root, grid, path, summaries, base)
+    # The trunks the cells started from (the same architecture and seed, untrained): the floor every
+    # objective has to clear.
+    baselines = {}
+    for seed in grid.seeds:
+        where = root / "random-init" / f"seed{seed}"
+        print(f"random init / seed {seed}", flush=True)
+        evaluate_cell(grid, data, where, base.crops.size_crops[0], base.crops.flip_prob > 0, root,
+                      random_init=(base.model.arch, seed))
+        baselines[seed] = scores(where, grid.protocols)
+    table = write_table(root, grid, path, summaries, base, baselines)
     print(f"wrote {root / 'table.md'}, {root / 'table.json'} and {root / 'table.png'}")
     return table

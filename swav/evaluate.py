@@ -180,15 +180,18 @@ def evaluate(kind: str, train: str, val: str, checkpoint: str = "", arch: str = 
              image_size: int = 224, batch_size: int = 64, seed: int = 0, options: dict | None = None,
              epochs: int = 100, lr: float = 0.3, weight_decay: float = 1e-6, device: str = "cpu",
              label: str = "folder", progress: bool = False, augment: bool = False, fraction: float = 1.0,
-             subset_file: str = "", trunk_lr_scale: float = 0.1, flip: bool = True) -> dict:
+             subset_file: str = "", trunk_lr_scale: float = 0.1, flip: bool = True, init_seed: int | None = None) -> dict:
     """One protocol's result: knn (k=20, 200), linear (frozen features, or augmented views with `augment`),
-    finetune (the whole network on a class-balanced `fraction` of the train labels). Top-1 and top-5 in %."""
+    finetune (the whole network on a class-balanced `fraction` of the train labels). Top-1 and top-5 in %.
+    `init_seed` seeds a random init apart from the protocol's own draws (`seed`: subsets, held-out part, order)."""
     torch.manual_seed(seed)
     try:
         device = str(torch.device(device))
     except RuntimeError as e:
         raise UserError(f"--device {device!r}: {e}") from None
-    trunk, what = load_trunk(checkpoint, arch, random_init, seed, options)
+    trunk, what = load_trunk(checkpoint, arch, random_init, seed if init_seed is None else init_seed, options)
+    if init_seed is not None:
+        torch.manual_seed(seed)   # the protocol's draws as for a checkpoint, whatever the init consumed
     if kind == "finetune" or augment:
         recipe = Recipe(epochs=epochs, lr=lr, weight_decay=weight_decay, batch_size=batch_size, image_size=image_size,
                         flip=flip, trunk_lr_scale=trunk_lr_scale)

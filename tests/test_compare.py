@@ -51,14 +51,19 @@ def test_a_mini_grid_writes_every_cell_with_top5_and_std_and_a_rerun_resumes(sha
                                 "| deepclusterv2 | 2x64+2x32 | 1 |", "| deepclusterv2 | 2x64+2x32 | 2 |"))
                for line in md.splitlines()) == 4, "every seed's numbers are in the table"
     assert (out / "table.png").stat().st_size > 0
+    floor = {r["protocol"]: r for r in table["random_init"]}
+    assert set(floor) == {"knn", "linear", "finetune-0.1"} and all(len(r["top1"]) == 2 for r in floor.values())
+    assert "| random init | - | knn |" in md
     subset = json.loads((out / "subset-0.1.json").read_text())
-    finetunes = [json.loads(p.read_text()) for p in out.glob("cells/*/*/seed*/eval-finetune-0.1.json")]
-    assert len(finetunes) == 4 and {f["protocol"]["subset_file"] for f in finetunes} == {str(out / "subset-0.1.json")}
+    finetunes = [json.loads(p.read_text()) for p in [*out.glob("cells/*/*/seed*/eval-finetune-0.1.json"),
+                                                      *out.glob("random-init/seed*/eval-finetune-0.1.json")]]
+    assert len(finetunes) == 4 + 2 and {f["protocol"]["subset_file"] for f in finetunes} == {str(out / "subset-0.1.json")}
     assert subset
-    before = {p: p.stat().st_mtime_ns for p in out.glob("cells/**/*.json")}
+    before = {p: p.stat().st_mtime_ns for p in [*out.glob("cells/**/*.json"), *out.glob("random-init/**/*.json")]}
     again = swav_cli("compare", str(grid), "--out", str(out), timeout=600)
     assert again.returncode == 0, again.stderr[-3000:]
-    assert {p: p.stat().st_mtime_ns for p in out.glob("cells/**/*.json")} == before, "done cells are not redone"
+    after = {p: p.stat().st_mtime_ns for p in [*out.glob("cells/**/*.json"), *out.glob("random-init/**/*.json")]}
+    assert after == before, "done cells and baselines are not redone"
     assert json.loads((out / "table.json").read_text())["rows"] == table["rows"]
 
 
