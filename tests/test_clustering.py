@@ -52,6 +52,7 @@ def test_several_steps_equal_a_plain_loop_and_empty_clusters_keep_their_centroid
     assert torch.equal(ours[-1], far[0]) and not (assign == init.shape[0] - 1).any()
 
 
+@pytest.mark.slow
 def test_two_ranks_end_with_the_centroids_of_one_process_on_the_union_and_split_their_banks_evenly(tmp_path):
     x, init = _data(n=301, seed=2)
     torch.save({"x": x, "init": init, "split": [0, 137, 301]}, tmp_path / "kmeans.pt")
