@@ -28,8 +28,10 @@ def _optional(values: list) -> list[float]:
 def baseline_rows(grid, baselines: dict) -> list[dict]:
     rows = []
     for protocol in grid.protocols:
-        top1 = [b[protocol]["top1"] for b in baselines.values()]
-        top5 = [b[protocol]["top5"] for b in baselines.values()]
+        top1 = [b[protocol]["top1"] for b in baselines.values() if protocol in b]
+        top5 = [b[protocol]["top5"] for b in baselines.values() if protocol in b]
+        if not top1:
+            continue
         rows.append({"objective": "random init", "crops": "-", "protocol": protocol, "seeds": len(top1),
                      "top1": top1, "top5": top5, "top1_mean_std": mean_std(top1), "top5_mean_std": mean_std(top5)})
     return rows
