@@ -62,6 +62,7 @@ class _BankObjective:
         self.clusterings = 0
         self.cluster_seconds = 0.0
         self._ids: torch.Tensor | None = None
+        self._found: torch.Tensor | None = None
         self._from_bank = 0.0
 
     def view_of(self, head: int) -> int:
@@ -74,6 +75,7 @@ class _BankObjective:
         if ids is None:
             raise ValueError(f"objective {self.name} needs sample ids in every batch")
         self._ids = ids
+        self._found: torch.Tensor | None = None   # the batch's bank assignments, looked up once per step
 
     def _cross_entropy(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         crops = logits.shape[0] // self.batch_size
@@ -84,7 +86,9 @@ class _BankObjective:
         return emb[self.batch_size * c: self.batch_size * (c + 1)]
 
     def _targets(self, head: int, fallback: torch.Tensor) -> torch.Tensor:
-        found = self.bank.lookup(self._ids, head)
+        if self._found is None:
+            self._found = self.bank.lookup(self._ids)
+        found = self._found[head]
         if head == 0:
             self._from_bank = float((found >= 0).float().mean())
         return torch.where(found >= 0, found, fallback)

@@ -53,13 +53,13 @@ class MemoryBank:
         self.assignments[:, pos] = -1
         self.next = int((self.next + n) % self.size)
 
-    def lookup(self, ids: torch.Tensor, head: int = 0) -> torch.Tensor:
-        """The head's assignment of each id, or -1 where the sample is not in the bank or not yet assigned."""
+    def lookup(self, ids: torch.Tensor) -> torch.Tensor:
+        """[heads, n]: each head's assignment of each id, -1 where it is not in the bank or not yet assigned."""
         ids = ids.to(self.ids.device)
-        out = torch.full_like(ids, -1)
+        out = torch.full((self.assignments.shape[0], ids.shape[0]), -1, dtype=torch.int64, device=ids.device)
         match = ids.view(-1, 1) == self.ids.view(1, -1)
         found = match.any(1)
-        out[found] = self.assignments[head][match[found].float().argmax(1)]
+        out[:, found] = self.assignments[:, match[found].float().argmax(1)]
         return out
 
     def state_dict(self) -> dict:

@@ -16,10 +16,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import yaml
-
 from swav.catalog import jobs_dir, resolve_config
 from swav.compare_table import write_table
+from swav.config import load_config, read_mapping
 from swav.evaluate import evaluate
 from swav.metrics import read_metrics
 from swav_io.errors import UserError
@@ -44,13 +43,7 @@ class Grid:
 
 def load_grid(path: str) -> Grid:
     """The grid file, checked: every key known, every protocol one we run."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            raw = yaml.safe_load(f) or {}
-    except FileNotFoundError:
-        raise UserError(f"grid file not found: {path}") from None
-    except yaml.YAMLError as e:
-        raise UserError(f"grid file {path} is not valid YAML: {e}") from None
+    raw = read_mapping(path, "grid file")
     known = set(Grid.__dataclass_fields__)
     unknown = sorted(set(raw) - known)
     if unknown:
@@ -191,8 +184,6 @@ def run_compare(grid_arg: str, out: str) -> dict:
     root = Path(out).resolve()
     root.mkdir(parents=True, exist_ok=True)
     data = prepare_data(grid, root)
-    from swav.config import load_config
-
     base = load_config(resolve_config(grid.job))
     cells = [(o, c, s) for o in grid.objectives for c in grid.crops for s in grid.seeds]
     summaries = {}

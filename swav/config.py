@@ -211,16 +211,7 @@ def load_config(path: str | None = None, overrides: list[str] | None = None,
     if base:
         schema = _merge(schema, base, "built-in defaults")
     if path:
-        try:
-            with open(path, encoding="utf-8") as f:
-                data = yaml.safe_load(f) or {}
-        except FileNotFoundError:
-            raise UserError(f"config file not found: {path}") from None
-        except yaml.YAMLError as e:
-            raise UserError(f"config file {path} is not valid YAML: {e}") from None
-        if not isinstance(data, dict):
-            raise UserError(f"config file {path} must hold a mapping")
-        schema = _merge(schema, data, path)
+        schema = _merge(schema, read_mapping(path, "config file"), path)
     for text in overrides or []:
         keys, value = parse_override(text)
         schema = _merge(schema, nest(keys, value), f"override {text!r}")
@@ -230,6 +221,20 @@ def load_config(path: str | None = None, overrides: list[str] | None = None,
         raise UserError(f"config key '{e.full_key}': {str(e).splitlines()[0]}") from None
     validate(cfg)
     return cfg
+
+
+def read_mapping(path: str, what: str) -> dict:
+    """A YAML file that must hold a mapping (empty: {}); a missing or malformed one is a one-line error."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = yaml.safe_load(f) or {}
+    except FileNotFoundError:
+        raise UserError(f"{what} not found: {path}") from None
+    except yaml.YAMLError as e:
+        raise UserError(f"{what} {path} is not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{what} {path} must hold a mapping")
+    return data
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:

@@ -100,12 +100,12 @@ def test_the_bank_is_a_ring_keyed_by_sample_id_and_round_trips():
     bank.add(torch.tensor([10, 11, 12]), torch.eye(3).unsqueeze(1).repeat(1, 2, 1))
     bank.assignments[0, :3] = torch.tensor([0, 1, 2])
     bank.assignments[1, :3] = torch.tensor([4, 5, 6])
-    assert bank.lookup(torch.tensor([11, 99])).tolist() == [1, -1]
-    assert bank.lookup(torch.tensor([12, 10]), head=1).tolist() == [6, 4]
+    assert bank.lookup(torch.tensor([11, 99]))[0].tolist() == [1, -1]
+    assert bank.lookup(torch.tensor([12, 10]))[1].tolist() == [6, 4]
     # 11 again: one row per sample, the newest, unassigned; the ring wraps over 10, the oldest
     bank.add(torch.tensor([13, 14, 11]), torch.ones(3, 2, 3))
     assert bank.ids.tolist() == [11, -1, 12, 13, 14] and bank.filled == 4
-    assert bank.lookup(torch.tensor([11, 12])).tolist() == [-1, 2]
+    assert bank.lookup(torch.tensor([11, 12]))[0].tolist() == [-1, 2]
     assert int((bank.ids == 11).sum()) == 1
     assert torch.allclose(bank.rows[0].norm(dim=-1), torch.ones(2))   # rows are stored on the unit sphere
     state = bank.state_dict()
