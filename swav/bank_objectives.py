@@ -4,13 +4,13 @@ Both keep, per rank, the newest `objective.bank_size` samples' embeddings of the
 sample id (swav.clustering.MemoryBank), and every `objective.period` steps they relabel the bank:
 
 - DeepCluster-v2: spherical k-means across ranks, one per head, on the bank rows of the head's assignment crop
-  (heads take the assignment crops in turn). The centroids score every crop (logits = emb . centroids / T) and
-  a sample's target is its bank assignment, or its nearest centroid when it is not in the bank (new this pass).
-  Departure: the reference copies the centroids into the prototypes and trains those until the next
-  clustering; here the centroids are the classifier between clusterings and the prototype layer is frozen.
+  (heads take the assignment crops in turn). The centroids are copied into the head's prototypes, which stay
+  frozen between clusterings (as solo-learn's port), so they score every crop (logits = emb . centroids / T) and
+  the exported model carries them. A sample's target is its assignment in the bank of whichever rank saw it
+  last (the batch's ids are looked up in every rank's bank), or its nearest centroid when it is in none.
 - SeLa-v2: the prototypes are learned by SGD; the bank rows are scored against them inside the forward and
   relabelled by Sinkhorn equipartition over the whole bank, rounded to exact counts per rank. A sample not in
-  the bank is labelled by the hard Sinkhorn code of its batch (as SwAV's codes, rounded).
+  any rank's bank is labelled by the hard Sinkhorn code of its batch (as SwAV's codes, rounded).
 
 Loss for both, as the reference DeepCluster-v2: cross-entropy of every crop's scores / T against the sample's
 target, averaged over crops and heads. Bank, centroids and the clustering counter are checkpointed per rank.
@@ -68,12 +68,17 @@ class _BankObjective:
     def view_of(self, head: int) -> int:
         return head % len(self.crops_for_assign)
 
+    def new_prototypes(self) -> list[torch.Tensor] | None:
+        return None
+
     def clustering_step(self, step: int) -> bool:
         return step > 0 and step % self.period == 0
 
     def set_batch(self, ids: torch.Tensor | None) -> None:
         if ids is None:
             raise ValueError(f"objective {self.name} needs sample ids in every batch")
+        if ids.shape[0] != self.batch_size:   # the cross-rank lookup gathers equal batches from every rank
+            raise ValueError(f"objective {self.name} needs full batches of {self.batch_size}, got {ids.shape[0]}")
         self._ids = ids
         self._found: torch.Tensor | None = None   # the batch's bank assignments, looked up once per step
 
@@ -87,7 +92,7 @@ class _BankObjective:
 
     def _targets(self, head: int, fallback: torch.Tensor) -> torch.Tensor:
         if self._found is None:
-            self._found = self.bank.lookup(self._ids)
+            self._found = self.bank.lookup_everywhere(self._ids)
         found = self._found[head]
         if head == 0:
             self._from_bank = float((found >= 0).float().mean())
@@ -128,6 +133,13 @@ class DeepClusterV2Objective(_BankObjective):
         # Until the first clustering the targets come from random unit centroids (the same on every rank).
         self.centroids = [F.normalize(torch.randn(k, cfg.model.feat_dim, generator=g), dim=1).to(device)
                           for k in self.ks]
+        self._write = True   # a fresh run puts its first centroids into the prototypes; a resume has them
+
+    def new_prototypes(self) -> list[torch.Tensor] | None:
+        if not self._write:
+            return None
+        self._write = False
+        return self.centroids
 
     def forward_inputs(self, step: int) -> list[torch.Tensor] | None:
         if self.clustering_step(step):
@@ -151,21 +163,20 @@ class DeepClusterV2Objective(_BankObjective):
             centroids, assign = spherical_kmeans(rows, self._initial(h, step), self.iterations, _all_reduce)
             self.centroids[h] = centroids
             self.bank.assignments[h, filled] = assign
+        self._write = True
         self.clusterings += 1
         self.cluster_seconds += time.perf_counter() - t0
 
     def loss(self, step: int, emb: torch.Tensor, scores, extra_scores) -> tuple[torch.Tensor, list[torch.Tensor]]:
         heads = scores if isinstance(scores, list) else [scores]
         loss, qs = 0.0, []
-        for h, centroids in enumerate(self.centroids):
+        for h, head_scores in enumerate(heads):   # the prototypes hold self.centroids (written before the forward)
             with torch.no_grad():
-                nearest = (self._assign_rows(emb, self.view_of(h)).float() @ centroids.t()).argmax(1)
+                c = self.crops_for_assign[self.view_of(h)]
+                nearest = head_scores[self.batch_size * c: self.batch_size * (c + 1)].argmax(1)
                 targets = self._targets(h, nearest)
-            loss = loss + self._cross_entropy(emb.float() @ centroids.t(), targets) / len(self.ks)
-            qs.append(F.one_hot(targets, centroids.shape[0]).float())
-        # The prototype layer is not in this loss; a zero term gives it a zero gradient, which every ZeRO
-        # stage reduces like any other, instead of a missing one.
-        loss = loss + 0.0 * sum(s.sum() for s in heads)
+            loss = loss + self._cross_entropy(head_scores, targets) / len(heads)
+            qs.append(F.one_hot(targets, head_scores.shape[1]).float())
         return loss, qs
 
     def state_dict(self) -> dict:
@@ -173,6 +184,7 @@ class DeepClusterV2Objective(_BankObjective):
 
     def load_state(self, state: dict | None, old_world: int, new_world: int, rank: int) -> None:
         super().load_state(state, old_world, new_world, rank)
+        self._write = False   # the checkpoint's prototypes are the centroids (frozen since they were written)
         if state is not None:
             self.centroids = [c.to(self.centroids[0].device) for c in state["centroids"]]
         if old_world != new_world:   # centroids are global: a rank new to the world takes rank 0's

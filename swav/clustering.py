@@ -1,8 +1,8 @@
 """Clustering for the streaming objectives (DeepCluster-v2, SeLa-v2): a bounded per-rank memory bank keyed by
 sample id, spherical k-means across ranks, and an exact equipartition of the bank.
 
-Nothing here grows with the data set: the bank is a ring of a fixed number of rows, and every cross-rank step
-is an all-reduce of K x D sums and K counts.
+Nothing here grows with the data set: the bank is a ring of a fixed number of rows, every cross-rank k-means
+step is an all-reduce of K x D sums and K counts, and a cross-rank lookup moves the world's batch of ids.
 """
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Callable
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
 from swav.sinkhorn import sinkhorn64
@@ -57,10 +58,29 @@ class MemoryBank:
         """[heads, n]: each head's assignment of each id, -1 where it is not in the bank or not yet assigned."""
         ids = ids.to(self.ids.device)
         out = torch.full((self.assignments.shape[0], ids.shape[0]), -1, dtype=torch.int64, device=ids.device)
-        match = ids.view(-1, 1) == self.ids.view(1, -1)
-        found = match.any(1)
-        out[:, found] = self.assignments[:, match[found].float().argmax(1)]
+        # Sorted search, not an [n, size] match matrix: a lookup for every rank's batch at once stays
+        # O((n + size) log size) in time and O(n + size) in memory.
+        sorted_ids, order = torch.sort(self.ids)
+        pos = torch.searchsorted(sorted_ids, ids).clamp(max=self.size - 1)
+        found = sorted_ids[pos] == ids
+        out[:, found] = self.assignments[:, order[pos[found]]]
         return out
+
+    def lookup_everywhere(self, ids: torch.Tensor) -> torch.Tensor:
+        """lookup() against the banks of every rank: the batch's ids are gathered, each rank looks all of them up
+        in its own bank, and the answers are max-reduced, so a sample seen before on any rank gets its
+        assignment. Traffic per step is the world's batch of ids and [heads, world x n] assignments; nothing
+        scales with the data set. Every rank must call it with the same n. Without a process group it is
+        lookup()."""
+        if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+            return self.lookup(ids)
+        ids = ids.to(self.ids.device).contiguous()
+        world, rank, n = dist.get_world_size(), dist.get_rank(), ids.shape[0]
+        everyone = [torch.empty_like(ids) for _ in range(world)]
+        dist.all_gather(everyone, ids)
+        found = self.lookup(torch.cat(everyone))
+        dist.all_reduce(found, op=dist.ReduceOp.MAX)
+        return found[:, rank * n: (rank + 1) * n].contiguous()
 
     def state_dict(self) -> dict:
         return {"ids": self.ids.clone(), "rows": self.rows.clone(), "assignments": self.assignments.clone(),

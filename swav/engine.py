@@ -121,3 +121,28 @@ def set_step_hyperparams(optimizer: torch.optim.Optimizer, lr: float, freeze_pro
         g["lr"] = lr
         if g.get("name") == "prototypes":
             g["frozen"] = freeze_prototypes
+
+
+@torch.no_grad()
+def write_prototypes(engine, values: list[torch.Tensor]) -> None:
+    """Set each head's prototype weights to `values` (the same on every rank) in every copy the engine keeps.
+
+    ZeRO-1/2 step from an fp32 partition of each weight and copy it back over the module's weight after every
+    step, and ZeRO-3 keeps only a partition in the module: writing the module's weight alone would be undone
+    by the next step. DeepSpeed's `safe_set_full_fp32_param` writes the optimizer's partition (a no-op
+    where there is none, as under ZeRO-0), and the module's weight is written too (gathered under ZeRO-3) so
+    this step's forward already sees the new values.
+    """
+    import deepspeed
+    from deepspeed.utils import safe_set_full_fp32_param
+
+    weights = engine.module.prototype_weights()
+    if len(weights) != len(values):
+        raise ValueError(f"{len(values)} prototype values for {len(weights)} heads")
+    for w, v in zip(weights, values):
+        if hasattr(w, "ds_id"):   # ZeRO-3: every rank holds the same values, so any rank may modify
+            with deepspeed.zero.GatheredParameters([w], modifier_rank=0):
+                w.data.copy_(v.to(w.device, w.dtype))
+        else:
+            w.data.copy_(v.to(w.device, w.dtype))
+        safe_set_full_fp32_param(w, v.to(w.device, torch.float32))

@@ -22,13 +22,17 @@ log = logging.getLogger(__name__)
 
 class Objective(Protocol):
     name: str
-    learns_prototypes: bool        # False: the prototype layer stays frozen (DeepCluster-v2 scores with centroids)
+    learns_prototypes: bool        # False: the prototype layer stays frozen (DeepCluster-v2 writes centroids into it)
 
     def set_batch(self, ids: torch.Tensor | None) -> None:
         """The sample ids of this step's batch (before forward_inputs)."""
 
     def forward_inputs(self, step: int) -> list[torch.Tensor] | None:
         """Rows the forward should also score with the prototypes this step, or None."""
+
+    def new_prototypes(self) -> list[torch.Tensor] | None:
+        """Weights the trainer writes into the prototype layer before this step's forward (DeepCluster-v2's
+        fresh centroids, one [K, D] per head), or None to leave it."""
 
     def loss(self, step: int, emb: torch.Tensor, scores: torch.Tensor | list[torch.Tensor],
              extra_scores: list | None) -> tuple[torch.Tensor, list[torch.Tensor]]:
@@ -72,6 +76,9 @@ class SwAVObjective:
         if not self._use_queue:
             return None
         return [self.queue.rows[i] for i in range(self.queue.rows.shape[0])]
+
+    def new_prototypes(self) -> None:
+        return None
 
     def loss(self, step: int, emb: torch.Tensor, scores, extra_scores) -> tuple[torch.Tensor, list[torch.Tensor]]:
         heads = scores if isinstance(scores, list) else [scores]

@@ -33,7 +33,7 @@ from swav import distributed, reshard, staging
 from swav.config import Config, to_dict, to_yaml
 from swav.config_diff import schedule_changes
 from swav.data import build_loader, next_batch, stream_states
-from swav.engine import apply_channels_last, build_engine, build_model, set_step_hyperparams
+from swav.engine import apply_channels_last, build_engine, build_model, set_step_hyperparams, write_prototypes
 from swav.metrics import MetricsWriter, assignment_stats, read_metrics
 from swav.objective import Objective, build_objective
 from swav.schedules import warmup_cosine
@@ -253,6 +253,9 @@ class Trainer:
             crops = [c.contiguous(memory_format=torch.channels_last) for c in crops]
 
         extra = objective.forward_inputs(step)
+        values = objective.new_prototypes()
+        if values is not None:
+            write_prototypes(engine, values)
         with self.autocast:
             if extra is not None:
                 emb, scores, extra_scores = engine(crops, extra)

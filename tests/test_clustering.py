@@ -53,7 +53,7 @@ def test_several_steps_equal_a_plain_loop_and_empty_clusters_keep_their_centroid
 
 
 @pytest.mark.slow
-def test_two_ranks_end_with_the_centroids_of_one_process_on_the_union_and_split_their_banks_evenly(tmp_path):
+def test_two_ranks_agree_on_centroids_split_their_banks_evenly_and_look_up_each_others_banks(tmp_path):
     x, init = _data(n=301, seed=2)
     torch.save({"x": x, "init": init, "split": [0, 137, 301]}, tmp_path / "kmeans.pt")
     r = torchrun(2, "tests/dist/kmeans_ranks.py", str(tmp_path), module=False)
@@ -74,6 +74,10 @@ def test_two_ranks_end_with_the_centroids_of_one_process_on_the_union_and_split_
     for p in parts:
         assert torch.allclose(p["alone"], one, atol=1e-12)
     assert parts[1]["alone_labels"].numel() == 0
+    # A sample in another rank's bank gets its assignment from there; one in no bank gets -1.
+    assert parts[0]["everywhere"].tolist() == [[0, 100 % 7, 5, -1], [0, 0, 0, -1]]
+    assert parts[1]["everywhere"].tolist() == [[104 % 7, 3, -1, 9 % 7], [104 % 5, 3, -1, 9 % 5]]
+    assert parts[0]["own"].tolist() == [[0, -1, 5, -1], [0, -1, 0, -1]]
     assert set(torch.bincount(parts[0]["alone_labels"], minlength=k).tolist()) <= {301 // k, -(-301 // k)}
 
 
@@ -115,3 +119,20 @@ def test_the_bank_is_a_ring_keyed_by_sample_id_and_round_trips():
     assert torch.equal(other.assignments, bank.assignments)
     with pytest.raises(ValueError):
         MemoryBank(size=4, views=2, dim=3, heads=2).load_state_dict(state)
+
+
+def test_lookup_equals_a_plain_search_on_a_ring_that_wrapped_many_times():
+    g = torch.Generator().manual_seed(3)
+    bank = MemoryBank(size=64, views=1, dim=2, heads=3)
+    for _ in range(20):   # 20 batches of 24 ids from 0-199: repeats, evictions, wraps
+        ids = torch.randint(0, 200, (24,), generator=g).unique()
+        bank.add(ids, torch.ones(ids.numel(), 1, 2))
+        filled = bank.ids >= 0
+        bank.assignments[:, filled] = torch.randint(0, 9, (3, int(filled.sum())), generator=g)
+    asked = torch.randint(0, 260, (500,), generator=g)
+    plain = torch.full((3, 500), -1, dtype=torch.int64)
+    for j, i in enumerate(asked.tolist()):
+        where = torch.nonzero(bank.ids == i).flatten()
+        if where.numel():
+            plain[:, j] = bank.assignments[:, where[0]]
+    assert torch.equal(bank.lookup(asked), plain) and int((plain[0] >= 0).sum()) > 50

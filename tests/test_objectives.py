@@ -7,9 +7,12 @@ import math
 from pathlib import Path
 
 import pytest
+import torch
 from helpers import torchrun
 
+from swav import checkpoint as ckpt
 from swav.metrics import read_metrics
+from swav.weights import load_model_state
 
 pytestmark = pytest.mark.slow
 STEPS = 8
@@ -29,6 +32,14 @@ def args(shard_set: Path, run: Path, name: str, *extra: str) -> list[str]:
 
 def rows(run: Path) -> dict[int, dict]:
     return {r["step"]: r for r in read_metrics(str(run / "metrics.jsonl"))}
+
+
+def assert_prototypes_are_the_centroids(run: Path) -> None:
+    """The run's last checkpoint: every head's prototype layer holds that head's centroids, exactly."""
+    model, _, ref = load_model_state(str(run / "checkpoints"))
+    centroids = ckpt.CheckpointStore(ref.root).read_state(ref, 0)["centroids"]
+    protos = [model[f"prototypes.prototypes{h}.weight"] for h in range(len(centroids))]
+    assert len(protos) == 2 and all(torch.equal(p, c.float()) for p, c in zip(protos, centroids))
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
@@ -51,6 +62,21 @@ def test_a_stop_mid_period_and_mid_fill_resumes_bitwise(shard_set, tmp_path, nam
     resumed = rows(parted)
     assert {s: v["loss"] for s, v in resumed.items()} == {s: v["loss"] for s, v in base.items()}
     assert resumed[8]["clusterings"] == 2 and resumed[8]["bank_filled"] == base[8]["bank_filled"]
+    if name == "deepclusterv2":
+        assert_prototypes_are_the_centroids(whole)
+        assert_prototypes_are_the_centroids(parted)
+
+
+@pytest.mark.parametrize("stage", [0, 2, 3])
+def test_deepclusterv2_writes_its_centroids_into_the_prototypes_under_every_zero_stage(shard_set, tmp_path, stage):
+    """ZeRO-1 is the resume test's; the others keep the optimizer's copy of the prototypes elsewhere (none,
+    fp32 partitions, partitions of the module too). A clustering before step 4, then steps on the frozen
+    prototypes: the checkpoint after step 5 holds the centroids in the model."""
+    run = tmp_path / "run"
+    r = torchrun(2, *args(shard_set, run, "deepclusterv2", "train.steps=5", f"deepspeed.zero_stage={stage}"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert rows(run)[5]["clusterings"] == 1
+    assert_prototypes_are_the_centroids(run)
 
 
 

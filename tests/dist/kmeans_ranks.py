@@ -6,7 +6,7 @@ import sys
 import torch
 import torch.distributed as dist
 
-from swav.clustering import equipartition, spherical_kmeans
+from swav.clustering import MemoryBank, equipartition, spherical_kmeans
 
 dist.init_process_group("gloo")
 rank = dist.get_rank()
@@ -18,6 +18,15 @@ labels = equipartition(x @ data["init"].t(), epsilon=0.05, iterations=30)
 mine = data["x"] if rank == 0 else data["x"][:0]
 alone, _ = spherical_kmeans(mine, data["init"], 5, all_reduce=dist.all_reduce)
 alone_labels = equipartition(mine @ data["init"].t(), epsilon=0.05, iterations=30)
-torch.save({"centroids": centroids, "assign": assign, "labels": labels, "alone": alone, "alone_labels": alone_labels},
+# Each rank's bank holds its own samples (rank 0: ids 0-9, rank 1: ids 100-104), 2 heads; each rank asks for
+# ids of both banks and of neither.
+bank = MemoryBank(size=16, views=1, dim=2, heads=2)
+mine_ids = torch.arange(10) if rank == 0 else torch.arange(100, 105)
+bank.add(mine_ids, torch.ones(mine_ids.numel(), 1, 2))
+bank.assignments[:, bank.ids >= 0] = torch.stack([bank.ids[bank.ids >= 0] % 7, bank.ids[bank.ids >= 0] % 5])
+asked = torch.tensor([0, 100, 5, 7777]) if rank == 0 else torch.tensor([104, 3, 9999, 9])
+everywhere = bank.lookup_everywhere(asked)
+torch.save({"centroids": centroids, "assign": assign, "labels": labels, "alone": alone, "alone_labels": alone_labels,
+            "everywhere": everywhere, "own": bank.lookup(asked)},
            f"{sys.argv[1]}/kmeans{rank}.pt")
 dist.destroy_process_group()
