@@ -7,7 +7,8 @@ sample id (swav.clustering.MemoryBank), and every `objective.period` steps they 
   (heads take the assignment crops in turn). The centroids are copied into the head's prototypes, which stay
   frozen between clusterings (as solo-learn's port), so they score every crop (logits = emb . centroids / T) and
   the exported model carries them. A sample's target is its assignment in the bank of whichever rank saw it
-  last (the batch's ids are looked up in every rank's bank), or its nearest centroid when it is in none.
+  last (the batch's ids are looked up in every rank's bank; a row re-added keeps its label until the next
+  clustering), or its nearest centroid when it is in none.
 - SeLa-v2: the prototypes are learned by SGD; the bank rows are scored against them inside the forward and
   relabelled by Sinkhorn equipartition over the whole bank, rounded to exact counts per rank. A sample not in
   any rank's bank is labelled by the hard Sinkhorn code of its batch (as SwAV's codes, rounded).
@@ -81,6 +82,7 @@ class _BankObjective:
             raise ValueError(f"objective {self.name} needs full batches of {self.batch_size}, got {ids.shape[0]}")
         self._ids = ids
         self._found: torch.Tensor | None = None   # the batch's bank assignments, looked up once per step
+        self._world_ids: torch.Tensor | None = None
 
     def _cross_entropy(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         crops = logits.shape[0] // self.batch_size
@@ -92,7 +94,7 @@ class _BankObjective:
 
     def _targets(self, head: int, fallback: torch.Tensor) -> torch.Tensor:
         if self._found is None:
-            self._found = self.bank.lookup_everywhere(self._ids)
+            self._found, self._world_ids = self.bank.lookup_everywhere(self._ids)
         found = self._found[head]
         if head == 0:
             self._from_bank = float((found >= 0).float().mean())
@@ -100,7 +102,12 @@ class _BankObjective:
 
     def after_step(self, step: int, emb: torch.Tensor) -> None:
         views = torch.stack([self._assign_rows(emb, v) for v in range(len(self.crops_for_assign))], 1)
-        self.bank.add(self._ids, views)
+        if self._found is None:
+            self._found, self._world_ids = self.bank.lookup_everywhere(self._ids)
+        # A sample lives in one bank, the one of the rank that saw it last, and keeps its label until the
+        # next relabelling: every rank drops the rows of the world's batch, then adds its own batch.
+        self.bank.forget(self._world_ids)
+        self.bank.add(self._ids, views, self._found)
 
     def state_dict(self) -> dict:
         return {"bank": self.bank.state_dict(), "clusterings": self.clusterings,

@@ -39,20 +39,30 @@ class MemoryBank:
         return int((self.ids >= 0).sum())
 
     @torch.no_grad()
-    def add(self, ids: torch.Tensor, emb: torch.Tensor) -> None:
-        """Write a batch (emb [n, views, dim]); a sample already in the bank keeps only its newest row."""
+    def add(self, ids: torch.Tensor, emb: torch.Tensor, assignments: torch.Tensor | None = None) -> None:
+        """Write a batch (emb [n, views, dim]); a sample already in the bank keeps only its newest row.
+
+        `assignments` [heads, n] (-1 = none) is each sample's label from the last relabelling, which its new
+        row keeps until the next one: a sample seen again between two clusterings still has a target."""
         ids = ids.to(self.ids.device)
         n = ids.shape[0]
+        labels = assignments.to(self.ids.device) if assignments is not None else None
         if n > self.size:
             ids, emb, n = ids[-self.size:], emb[-self.size:], self.size
-        present = torch.isin(self.ids, ids)
-        self.ids[present] = -1
-        self.assignments[:, present] = -1
+            labels = labels[:, -self.size:] if labels is not None else None
+        self.forget(ids)
         pos = (self.next + torch.arange(n, device=self.ids.device)) % self.size
         self.ids[pos] = ids
         self.rows[pos] = F.normalize(emb.detach().float(), dim=-1).to(self.rows)
-        self.assignments[:, pos] = -1
+        self.assignments[:, pos] = labels if labels is not None else -1
         self.next = int((self.next + n) % self.size)
+
+    @torch.no_grad()
+    def forget(self, ids: torch.Tensor) -> None:
+        """Drop the rows of these samples (their slots stay empty until the ring comes round)."""
+        present = torch.isin(self.ids, ids.to(self.ids.device))
+        self.ids[present] = -1
+        self.assignments[:, present] = -1
 
     def lookup(self, ids: torch.Tensor) -> torch.Tensor:
         """[heads, n]: each head's assignment of each id, -1 where it is not in the bank or not yet assigned."""
@@ -66,21 +76,23 @@ class MemoryBank:
         out[:, found] = self.assignments[:, order[pos[found]]]
         return out
 
-    def lookup_everywhere(self, ids: torch.Tensor) -> torch.Tensor:
-        """lookup() against the banks of every rank: the batch's ids are gathered, each rank looks all of them up
-        in its own bank, and the answers are max-reduced, so a sample seen before on any rank gets its
-        assignment. Traffic per step is the world's batch of ids and [heads, world x n] assignments; nothing
-        scales with the data set. Every rank must call it with the same n. Without a process group it is
-        lookup()."""
+    def lookup_everywhere(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(lookup() of `ids` against the banks of every rank, the world's ids of this step).
+
+        The batch's ids are gathered, each rank looks all of them up in its own bank, and the answers are
+        max-reduced, so a sample seen before on any rank gets its assignment. Traffic per step is the world's
+        batch of ids and [heads, world x n] assignments; nothing scales with the data set. Every rank must call
+        it with the same n. Without a process group it is lookup() and `ids`."""
         if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
-            return self.lookup(ids)
+            return self.lookup(ids), ids.to(self.ids.device)
         ids = ids.to(self.ids.device).contiguous()
         world, rank, n = dist.get_world_size(), dist.get_rank(), ids.shape[0]
         everyone = [torch.empty_like(ids) for _ in range(world)]
         dist.all_gather(everyone, ids)
-        found = self.lookup(torch.cat(everyone))
+        world_ids = torch.cat(everyone)
+        found = self.lookup(world_ids)
         dist.all_reduce(found, op=dist.ReduceOp.MAX)
-        return found[:, rank * n: (rank + 1) * n].contiguous()
+        return found[:, rank * n: (rank + 1) * n].contiguous(), world_ids
 
     def state_dict(self) -> dict:
         return {"ids": self.ids.clone(), "rows": self.rows.clone(), "assignments": self.assignments.clone(),

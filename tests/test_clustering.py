@@ -78,6 +78,7 @@ def test_two_ranks_agree_on_centroids_split_their_banks_evenly_and_look_up_each_
     assert parts[0]["everywhere"].tolist() == [[0, 100 % 7, 5, -1], [0, 0, 0, -1]]
     assert parts[1]["everywhere"].tolist() == [[104 % 7, 3, -1, 9 % 7], [104 % 5, 3, -1, 9 % 5]]
     assert parts[0]["own"].tolist() == [[0, -1, 5, -1], [0, -1, 0, -1]]
+    assert parts[0]["world_ids"].tolist() == parts[1]["world_ids"].tolist() == [0, 100, 5, 7777, 104, 3, 9999, 9]
     assert set(torch.bincount(parts[0]["alone_labels"], minlength=k).tolist()) <= {301 // k, -(-301 // k)}
 
 
@@ -111,6 +112,11 @@ def test_the_bank_is_a_ring_keyed_by_sample_id_and_round_trips():
     assert bank.ids.tolist() == [11, -1, 12, 13, 14] and bank.filled == 4
     assert bank.lookup(torch.tensor([11, 12]))[0].tolist() == [-1, 2]
     assert int((bank.ids == 11).sum()) == 1
+    # A sample seen again keeps the label it was given until the next relabelling; forget() drops rows.
+    bank.add(torch.tensor([12]), torch.ones(1, 2, 3), assignments=torch.tensor([[7], [8]]))
+    assert bank.lookup(torch.tensor([12, 13])).tolist() == [[7, -1], [8, -1]] and int((bank.ids == 12).sum()) == 1
+    bank.forget(torch.tensor([12, 99]))
+    assert bank.lookup(torch.tensor([12])).tolist() == [[-1], [-1]] and bank.filled == 3
     assert torch.allclose(bank.rows[0].norm(dim=-1), torch.ones(2))   # rows are stored on the unit sphere
     state = bank.state_dict()
     other = MemoryBank(size=5, views=2, dim=3, heads=2)

@@ -3,12 +3,18 @@ with a loader worker each, a stop between clusterings while the banks are still 
 
 from __future__ import annotations
 
+import json
 import math
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
 import torch
-from helpers import torchrun
+from helpers import REPO, swav_cli, torchrun
 
 from swav import checkpoint as ckpt
 from swav.metrics import read_metrics
@@ -91,3 +97,29 @@ def test_deepclusterv2_continues_on_another_world_size(shard_set, tmp_path):
     seen = rows(run)
     assert max(seen) == STEPS and seen[STEPS]["clusterings"] == 2
     assert all(math.isfinite(v["loss"]) for v in seen.values())
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_a_sigterm_after_a_clustering_checkpoints_the_bank_and_the_rerun_continues_bitwise(shard_set, tmp_path, name):
+    """A preemption as schedulers send it (SIGTERM to the process group, a loader worker included) once the
+    first clustering has run: the rerun's losses equal an uninterrupted run's."""
+    run, full = tmp_path / "run", tmp_path / "full"
+    cmd = [sys.executable, "-m", "swav.cli", *args(shard_set, run, name, "checkpoint.every=100")]
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if (run / "metrics.jsonl").exists() and max(rows(run), default=0) >= 4:
+            break
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGTERM)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out[-3000:]
+    latest = json.loads((run / "checkpoints" / "latest").read_text())
+    assert 4 <= latest["step"] < STEPS and rows(run)[latest["step"]]["clusterings"] == 1
+    r = swav_cli(*args(shard_set, run, name, "checkpoint.every=100"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    r = swav_cli(*args(shard_set, full, name, "checkpoint.every=100"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert {s: v["loss"] for s, v in rows(run).items()} == {s: v["loss"] for s, v in rows(full).items()}
+    assert sorted(rows(full)) == list(range(1, STEPS + 1)) and rows(full)[STEPS]["clusterings"] == 2

@@ -25,8 +25,8 @@ mine_ids = torch.arange(10) if rank == 0 else torch.arange(100, 105)
 bank.add(mine_ids, torch.ones(mine_ids.numel(), 1, 2))
 bank.assignments[:, bank.ids >= 0] = torch.stack([bank.ids[bank.ids >= 0] % 7, bank.ids[bank.ids >= 0] % 5])
 asked = torch.tensor([0, 100, 5, 7777]) if rank == 0 else torch.tensor([104, 3, 9999, 9])
-everywhere = bank.lookup_everywhere(asked)
+everywhere, world_ids = bank.lookup_everywhere(asked)
 torch.save({"centroids": centroids, "assign": assign, "labels": labels, "alone": alone, "alone_labels": alone_labels,
-            "everywhere": everywhere, "own": bank.lookup(asked)},
+            "everywhere": everywhere, "own": bank.lookup(asked), "world_ids": world_ids},
            f"{sys.argv[1]}/kmeans{rank}.pt")
 dist.destroy_process_group()
