@@ -1,7 +1,7 @@
 """Clustering for the streaming objectives (DeepCluster-v2, SeLa-v2): a bounded per-rank memory bank keyed by
 sample id, spherical k-means across ranks, and an exact equipartition of the bank.
 
-Nothing here grows with the data set: the bank is a ring of a fixed number of rows, every cross-rank k-means
+Nothing here grows with the data set: the bank has a fixed number of rows, every cross-rank k-means
 step is an all-reduce of K x D sums and K counts, and a cross-rank lookup moves the world's batch of ids.
 """
 
@@ -20,7 +20,8 @@ AllReduce = Callable[[torch.Tensor], None]   # in-place sum across ranks (torch.
 
 class MemoryBank:
     """This rank's newest `size` samples: for each, its id, the embedding of each assignment view, and one
-    cluster assignment per head (-1 = none yet). A ring: the oldest row is replaced first."""
+    cluster assignment per head (-1 = none yet). A new row takes an empty slot, else the oldest row's, so the
+    bank always holds the `size` samples this rank saw most recently (and no other rank saw since)."""
 
     def __init__(self, size: int, views: int, dim: int, heads: int = 1, device: torch.device | str = "cpu") -> None:
         if size < 1:
@@ -28,7 +29,8 @@ class MemoryBank:
         self.ids = torch.full((size,), -1, dtype=torch.int64, device=device)
         self.rows = torch.zeros(size, views, dim, device=device)
         self.assignments = torch.full((heads, size), -1, dtype=torch.int64, device=device)
-        self.next = 0   # host-side write position
+        self.written = torch.full((size,), -1, dtype=torch.int64, device=device)   # when each row came; -1 empty
+        self.next = 0   # samples added so far (host side)
 
     @property
     def size(self) -> int:
@@ -51,18 +53,22 @@ class MemoryBank:
             ids, emb, n = ids[-self.size:], emb[-self.size:], self.size
             labels = labels[:, -self.size:] if labels is not None else None
         self.forget(ids)
-        pos = (self.next + torch.arange(n, device=self.ids.device)) % self.size
+        # Empty slots first, then the oldest rows: a slot a sample left (it came back on another rank)
+        # is reused at once instead of waiting for a ring pointer to come round.
+        pos = torch.argsort(self.written, stable=True)[:n]
         self.ids[pos] = ids
         self.rows[pos] = F.normalize(emb.detach().float(), dim=-1).to(self.rows)
         self.assignments[:, pos] = labels if labels is not None else -1
-        self.next = int((self.next + n) % self.size)
+        self.written[pos] = self.next + torch.arange(n, device=self.ids.device)
+        self.next += n
 
     @torch.no_grad()
     def forget(self, ids: torch.Tensor) -> None:
-        """Drop the rows of these samples (their slots stay empty until the ring comes round)."""
+        """Drop the rows of these samples; their slots are the first the next add() fills."""
         present = torch.isin(self.ids, ids.to(self.ids.device))
         self.ids[present] = -1
         self.assignments[:, present] = -1
+        self.written[present] = -1
 
     def lookup(self, ids: torch.Tensor) -> torch.Tensor:
         """[heads, n]: each head's assignment of each id, -1 where it is not in the bank or not yet assigned."""
@@ -96,7 +102,7 @@ class MemoryBank:
 
     def state_dict(self) -> dict:
         return {"ids": self.ids.clone(), "rows": self.rows.clone(), "assignments": self.assignments.clone(),
-                "next": self.next}
+                "written": self.written.clone(), "next": self.next}
 
     def load_state_dict(self, state: dict) -> None:
         for name in ("rows", "assignments"):
@@ -106,6 +112,7 @@ class MemoryBank:
         self.ids.copy_(state["ids"])
         self.rows.copy_(state["rows"])
         self.assignments.copy_(state["assignments"])
+        self.written.copy_(state["written"])
         self.next = int(state["next"])
 
 

@@ -107,27 +107,32 @@ def test_the_bank_is_a_ring_keyed_by_sample_id_and_round_trips():
     bank.assignments[1, :3] = torch.tensor([4, 5, 6])
     assert bank.lookup(torch.tensor([11, 99]))[0].tolist() == [1, -1]
     assert bank.lookup(torch.tensor([12, 10]))[1].tolist() == [6, 4]
-    # 11 again: one row per sample, the newest, unassigned; the ring wraps over 10, the oldest
+    # 11 again: one row per sample, the newest, unassigned; new rows fill the empty slots first
     bank.add(torch.tensor([13, 14, 11]), torch.ones(3, 2, 3))
-    assert bank.ids.tolist() == [11, -1, 12, 13, 14] and bank.filled == 4
+    assert bank.ids.tolist() == [10, 13, 12, 14, 11] and bank.filled == 5
     assert bank.lookup(torch.tensor([11, 12]))[0].tolist() == [-1, 2]
     assert int((bank.ids == 11).sum()) == 1
-    # A sample seen again keeps the label it was given until the next relabelling; forget() drops rows.
+    # A sample seen again keeps the label it was given until the next relabelling, in the slot it left.
     bank.add(torch.tensor([12]), torch.ones(1, 2, 3), assignments=torch.tensor([[7], [8]]))
-    assert bank.lookup(torch.tensor([12, 13])).tolist() == [[7, -1], [8, -1]] and int((bank.ids == 12).sum()) == 1
-    bank.forget(torch.tensor([12, 99]))
-    assert bank.lookup(torch.tensor([12])).tolist() == [[-1], [-1]] and bank.filled == 3
-    assert torch.allclose(bank.rows[0].norm(dim=-1), torch.ones(2))   # rows are stored on the unit sphere
+    assert bank.lookup(torch.tensor([12, 13])).tolist() == [[7, -1], [8, -1]] and bank.ids.tolist()[2] == 12
+    # Full: the oldest row (10) goes first; a forgotten row's slot is the next one filled.
+    bank.add(torch.tensor([15]), torch.ones(1, 2, 3))
+    assert bank.ids.tolist() == [15, 13, 12, 14, 11]
+    bank.forget(torch.tensor([14, 99]))
+    assert bank.lookup(torch.tensor([14])).tolist() == [[-1], [-1]] and bank.filled == 4
+    bank.add(torch.tensor([16]), torch.eye(3)[:1].unsqueeze(1).repeat(1, 2, 1))
+    assert bank.ids.tolist() == [15, 13, 12, 16, 11]
+    assert torch.allclose(bank.rows[3].norm(dim=-1), torch.ones(2))   # rows are stored on the unit sphere
     state = bank.state_dict()
     other = MemoryBank(size=5, views=2, dim=3, heads=2)
     other.load_state_dict(state)
     assert torch.equal(other.rows, bank.rows) and other.next == bank.next and torch.equal(other.ids, bank.ids)
-    assert torch.equal(other.assignments, bank.assignments)
+    assert torch.equal(other.assignments, bank.assignments) and torch.equal(other.written, bank.written)
     with pytest.raises(ValueError):
         MemoryBank(size=4, views=2, dim=3, heads=2).load_state_dict(state)
 
 
-def test_lookup_equals_a_plain_search_on_a_ring_that_wrapped_many_times():
+def test_lookup_equals_a_plain_search_on_a_bank_that_was_refilled_many_times():
     g = torch.Generator().manual_seed(3)
     bank = MemoryBank(size=64, views=1, dim=2, heads=3)
     for _ in range(20):   # 20 batches of 24 ids from 0-199: repeats, evictions, wraps

@@ -23,7 +23,7 @@ from swav.weights import load_model_state
 pytestmark = pytest.mark.slow
 STEPS = 8
 # Banks of up to 40 rows per rank, 8 added a step, clustered every 3 steps (before steps 4 and 7): the stop
-# after step 4 lands mid-period, before the ring has reached its size.
+# after step 4 lands mid-period, before the banks have reached their size.
 BANK = ["objective.bank_size=40", "objective.period=3", "data.num_workers=1"]
 CASES = {
     "deepclusterv2": ["objective.name=deepclusterv2", "model.num_prototypes=[20,30]", "deepspeed.zero_stage=1"],
