@@ -137,7 +137,7 @@ class DeepClusterV2Objective(_BankObjective):
         super().__init__(cfg, batch_size, world, device)
         self.iterations = cfg.objective.kmeans_iterations
         g = torch.Generator().manual_seed(cfg.seed)
-        # Until the first clustering the targets come from random unit centroids (the same on every rank).
+        # Until the first clustering the prototypes are random unit centroids (the same on every rank).
         self.centroids = [F.normalize(torch.randn(k, cfg.model.feat_dim, generator=g), dim=1).to(device)
                           for k in self.ks]
         self._write = True   # a fresh run puts its first centroids into the prototypes; a resume has them
@@ -184,6 +184,13 @@ class DeepClusterV2Objective(_BankObjective):
                 targets = self._targets(h, nearest)
             loss = loss + self._cross_entropy(head_scores, targets) / len(heads)
             qs.append(F.one_hot(targets, head_scores.shape[1]).float())
+        if self.clusterings == 0:
+            # Until the first clustering the steps only fill the banks with the untrained network's embeddings,
+            # as the reference's memory initialisation pass does. Training on nearest-random-centroid targets
+            # instead collapses the embeddings within a pass; k-means seeded from collapsed rows then gives K
+            # equal centroids, uniform scores (loss ln K) and a zero gradient for good. A zero loss keeps every
+            # parameter's gradient defined (and reduced alike under every ZeRO stage).
+            loss = 0.0 * loss
         return loss, qs
 
     def state_dict(self) -> dict:
