@@ -60,6 +60,25 @@ def moto_auth(endpoint: str, enforce: bool) -> None:
                                                   headers={"Content-Type": "text/plain"}, method="POST")).read()
 
 
+def sigterm_after_step(args: list[str], run: Path, step: int, timeout: float = 300) -> subprocess.CompletedProcess:
+    """Run `swav ARGS` in its own process group and, once its metrics.jsonl has logged `step`, send SIGTERM to
+    the whole group, as SLURM and Kubernetes do (the trainer and its data-loader workers alike). Returns the
+    finished process with stdout and stderr merged."""
+    from swav.metrics import read_metrics
+
+    metrics = run / "metrics.jsonl"
+    proc = subprocess.Popen([sys.executable, "-m", "swav.cli", *args], cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        if metrics.exists() and max((r["step"] for r in read_metrics(str(metrics))), default=0) >= step:
+            break
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGTERM)
+    out, _ = proc.communicate(timeout=timeout)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, "")
+
+
 def kill_group(proc: subprocess.Popen, timeout: float = 30.0) -> None:
     """SIGKILL the process group `proc` leads and return once every member is gone: the signal lands
     asynchronously, and a process that has not yet taken it can still write or delete a file while a test

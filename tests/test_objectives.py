@@ -5,16 +5,11 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
-from helpers import REPO, swav_cli, torchrun
+from helpers import sigterm_after_step, swav_cli, torchrun
 
 from swav import checkpoint as ckpt
 from swav.metrics import read_metrics
@@ -106,17 +101,8 @@ def test_a_sigterm_after_a_clustering_checkpoints_the_bank_and_the_rerun_continu
     """A preemption as schedulers send it (SIGTERM to the process group, a loader worker included) once the
     first clustering has run: the rerun's losses equal an uninterrupted run's."""
     run, full = tmp_path / "run", tmp_path / "full"
-    cmd = [sys.executable, "-m", "swav.cli", *args(shard_set, run, name, "checkpoint.every=100")]
-    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
-    deadline = time.time() + 300
-    while time.time() < deadline and proc.poll() is None:
-        if (run / "metrics.jsonl").exists() and max(rows(run), default=0) >= 4:
-            break
-        time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGTERM)
-    out, _ = proc.communicate(timeout=300)
-    assert proc.returncode == 0, out[-3000:]
+    stopped = sigterm_after_step(args(shard_set, run, name, "checkpoint.every=100"), run, 4)
+    assert stopped.returncode == 0, stopped.stdout[-3000:]
     latest = json.loads((run / "checkpoints" / "latest").read_text())
     assert 4 <= latest["step"] < STEPS and rows(run)[latest["step"]]["clusterings"] == 1
     r = swav_cli(*args(shard_set, run, name, "checkpoint.every=100"))

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -14,7 +13,7 @@ from pathlib import Path
 from typing import Iterator
 
 import pytest
-from helpers import REPO, fault_env, free_port, kill_group, swav_cli, torchrun
+from helpers import REPO, fault_env, free_port, kill_group, sigterm_after_step, swav_cli, torchrun
 
 from swav.metrics import read_metrics
 
@@ -225,19 +224,10 @@ def test_config_errors_name_the_key(tmp_path):
 
 def test_sigterm_checkpoints_at_the_end_of_the_step_and_the_rerun_continues(shard_set, tmp_path, baselines):
     run = tmp_path / "run"
-    cmd = [sys.executable, "-m", "swav.cli", *args(shard_set, run, "checkpoint.every=100", "data.num_workers=2")]
-    # As SLURM and Kubernetes do, the signal goes to the whole process group: the trainer and its
-    # two data-loader workers alike.
-    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    deadline = time.time() + 300
-    while time.time() < deadline and proc.poll() is None:
-        if (run / "metrics.jsonl").exists() and max(losses(run), default=0) >= 3:
-            break
-        time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGTERM)
-    out, _ = proc.communicate(timeout=300)
-    assert proc.returncode == 0, out[-3000:]
+    # The signal goes to the trainer and its two data-loader workers alike.
+    stopped = sigterm_after_step(args(shard_set, run, "checkpoint.every=100", "data.num_workers=2"), run, 3)
+    out = stopped.stdout
+    assert stopped.returncode == 0, out[-3000:]
     assert "checkpointing at the end of the step" in out
     latest = json.loads((run / "checkpoints" / "latest").read_text())
     assert 3 <= latest["step"] < STEPS and latest["step"] == max(losses(run))
